@@ -1,0 +1,178 @@
+"""The ``codebridge`` command: one entry point, a subcommand per job. Heavy imports happen per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from codebridge.config import ConfigError, load_config
+
+EPILOG = """\
+typical session:
+  codebridge data emoji                          # build the built-in benchmark (~5 min, once)
+  codebridge train --config configs/emoji-fdt.yaml --set train.steps=500
+  codebridge eval --model runs/emoji-fdt/model --data emoji-style:test --task retrieval --out r.json
+
+Data specs name a built-in suite (emoji-style, emoji-concept, emoji-voice, emoji-trimodal, emoji-scenes,
+emoji-clips, each with :train or :test) or a file: CSV/TSV (filepath/title columns), JSONL, or WebDataset
+shards (dir/shard-{00000..00009}.tar).
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", required=required, help="YAML recipe (see configs/); defaults if omitted")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.lr=3e-4 --set data.modalities='[image, audio]'",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="codebridge",
+        description="Cross-modal representation learning through a shared discrete space.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="build, convert and check datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    emoji = data_sub.add_parser(
+        "emoji",
+        help="build the built-in emoji benchmark from npm packages and espeak-ng",
+        description="Build images (google/twitter art), multilingual labels, spoken labels (espeak-ng), "
+        "scenes with boxes and video clips. Idempotent: a second run checks and does nothing.",
+    )
+    emoji.add_argument("--out", type=Path, default=None, help="dataset folder (default $CODEBRIDGE_HOME/emoji)")
+    emoji.add_argument("--limit", type=int, default=None, help="only the first N concepts (quick subsets)")
+    emoji.add_argument("--scenes", type=int, default=1200, help="number of scenes (default 1200)")
+    emoji.add_argument("--clips", type=int, default=1200, help="number of clips (default 1200)")
+    emoji.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    emoji.add_argument("--seed", type=int, default=0)
+
+    shard = data_sub.add_parser(
+        "shard",
+        help="convert any data spec into WebDataset tar shards",
+        description="Write SOURCE (any spec) as WebDataset shards OUT/shard-NNNNN.tar, one sample per key.",
+    )
+    shard.add_argument("source", help="data spec to convert")
+    shard.add_argument("out", type=Path, help="output folder")
+    shard.add_argument("--samples-per-shard", type=int, default=1000)
+    shard.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable samples")
+    _add_config_args(shard)
+
+    check = data_sub.add_parser(
+        "check",
+        help="validate a dataset and list every bad sample",
+        description="Decode every sample of SPEC and list each problem (file, line/key, reason) with a summary.",
+    )
+    check.add_argument("spec", help="data spec to check")
+    check.add_argument("--modalities", default=None, help="comma list to require, e.g. image,text")
+    check.add_argument("--json", dest="json_out", type=Path, default=None, help="also write the report as JSON")
+    _add_config_args(check)
+
+    train = sub.add_parser(
+        "train",
+        help="train a model from a YAML recipe",
+        description="Train; writes RUN/{config.yaml, metrics.jsonl, tensorboard/, checkpoints/, model/}. "
+        "Multi-process: torchrun --nproc_per_node N -m codebridge train ...",
+    )
+    _add_config_args(train, required=False)
+    train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to resume from")
+
+    ev = sub.add_parser("eval", help="evaluate a trained model", description="Evaluate and write flat JSON metrics.")
+    ev.add_argument("--model", required=True, type=Path, help="model folder (RUN/model)")
+    ev.add_argument("--data", required=True, help="data spec, e.g. emoji-style:test")
+    ev.add_argument(
+        "--task",
+        required=True,
+        choices=["retrieval", "zeroshot", "linear-probe", "localization", "codes"],
+    )
+    ev.add_argument("--out", type=Path, default=None, help="JSON file for the metrics")
+    ev.add_argument("--train-data", default=None, help="linear-probe: spec to fit on (default SPEC with :train)")
+    ev.add_argument("--label", default=None, help="zeroshot/linear-probe: label name (default: group and subgroup)")
+    ev.add_argument("--batch-size", type=int, default=256)
+    return parser
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "emoji":
+        from codebridge.data.emoji.build import build_emoji
+
+        manifest = build_emoji(
+            out=args.out,
+            limit=args.limit,
+            n_scenes=args.scenes,
+            n_clips=args.clips,
+            workers=args.workers,
+            seed=args.seed,
+        )
+        print(json.dumps(manifest["counts"], indent=2))
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.data_command == "shard":
+        from codebridge.data.shard import write_shards
+
+        cfg.data.skip_bad = cfg.data.skip_bad or args.skip_bad
+        paths = write_shards(args.source, args.out, cfg.data, samples_per_shard=args.samples_per_shard)
+        print(f"wrote {len(paths)} shard(s) to {args.out}")
+        return 0
+    from codebridge.data.check import check_dataset
+
+    modalities = args.modalities.split(",") if args.modalities else None
+    report = check_dataset(args.spec, cfg, modalities=modalities)
+    print(report.render())
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report.to_dict(), indent=2))
+    return 0 if report.ok else 1
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from codebridge.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg, resume=args.resume)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from codebridge.eval.run import evaluate
+
+    metrics = evaluate(
+        args.model,
+        args.data,
+        args.task,
+        train_spec=args.train_data,
+        label=args.label,
+        batch_size=args.batch_size,
+    )
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

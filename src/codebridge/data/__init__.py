@@ -1,0 +1,1 @@
+"""Data sources (built-in emoji suites, CSV/TSV, JSONL, WebDataset), preprocessing and batching."""

@@ -1,0 +1,1 @@
+"""Bridges: tie modalities together (clip, codebook, fdt); each one file behind ``BRIDGES``."""

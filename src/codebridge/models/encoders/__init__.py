@@ -1,0 +1,1 @@
+"""Modality encoders: each maps a batch of preprocessed inputs to ``Features``."""

@@ -1,0 +1,61 @@
+import pytest
+
+from codebridge.config import Config, ConfigError, load_config, save_config
+
+
+def test_defaults_load():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.model.bridge.name == "clip"
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.01\nmodel:\n  bridge:\n    name: fdt\n")
+    cfg = load_config(path, ["train.lr=3e-4", "data.modalities=[image, audio]", "train.betas=[0.9, 0.95]"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.model.bridge.name == "fdt"
+    assert cfg.data.modalities == ["image", "audio"]
+    assert cfg.train.betas == (0.9, 0.95)
+
+
+def test_int_is_accepted_for_float():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.lrr=1", "train: unknown key(s) lrr"),
+        ("train.steps=abc", "train.steps: expected an integer"),
+        ("train.steps=1.5", "train.steps: expected an integer"),
+        ("model.bridge.name=vq", "model.bridge.name: 'vq' is not allowed; expected one of 'clip', 'codebook', 'fdt'"),
+        ("train.progress=3", "train.progress: expected true or false"),
+        ("train.betas=[1]", "train.betas: expected tuple"),
+        ("data.modalities=image", "data.modalities: expected list"),
+    ],
+)
+def test_errors_name_the_field(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert needle in str(err.value)
+
+
+def test_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  image:\n    depth: deep\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: model.image.depth: expected an integer"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(None, ["model.bridge.fdt.num_tokens=64"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
