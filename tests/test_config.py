@@ -59,3 +59,17 @@ def test_round_trip(tmp_path):
     cfg = load_config(None, ["model.bridge.fdt.num_tokens=64"])
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_inherit_merges_deeply(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  lr: 0.01\n  steps: 7\nmodel:\n  bridge:\n    name: fdt\n")
+    (tmp_path / "child.yaml").write_text("inherit: base.yaml\ntrain:\n  lr: 0.5\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.train.lr, cfg.train.steps, cfg.model.bridge.name) == (0.5, 7, "fdt")
+
+
+def test_inherit_cycle_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("inherit: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("inherit: a.yaml\n")
+    with pytest.raises(ConfigError, match="inherit cycle"):
+        load_config(tmp_path / "a.yaml")
