@@ -113,6 +113,7 @@ class AudioEncoderConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     subsample: int = 4  # time reduction of the convolutional front end (2 stride-2 convs)
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"  # learned: a table sized for prep.audio.max_seconds
 
 
 @dataclass

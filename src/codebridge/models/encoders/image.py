@@ -1,0 +1,65 @@
+"""Image encoder: a CLIP-style Vision Transformer (patch conv, CLS token, learned positions, pre-norm blocks)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from codebridge.config import Config, ConfigError, ImageEncoderConfig
+from codebridge.models.encoders import ENCODERS
+from codebridge.models.encoders.layers import Transformer
+from codebridge.models.features import Features
+
+
+class VisionTransformer(nn.Module):
+    """ViT over square images of ``image_size`` pixels; also the per-frame encoder of the video tower.
+
+    tokens = patch outputs of the last block *before* ``ln_post`` (FDT grounds its tokens there), all valid;
+    summary = ``ln_post`` of the CLS output.
+    """
+
+    def __init__(self, cfg: ImageEncoderConfig, image_size: int, where: str = "prep.image.size") -> None:
+        super().__init__()
+        if image_size % cfg.patch_size:
+            raise ConfigError(
+                f"{where}={image_size} is not a multiple of model.image.patch_size={cfg.patch_size}; "
+                "change one of them so the patches tile the image"
+            )
+        self.width = cfg.width
+        self.grid = image_size // cfg.patch_size
+        self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        scale = cfg.width**-0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, cfg.width))
+        self.ln_pre = nn.LayerNorm(cfg.width)
+        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
+        self.ln_post = nn.LayerNorm(cfg.width)
+        self.conv1.requires_grad_(not cfg.freeze_patch_embed)
+
+    def forward(self, pixels: torch.Tensor) -> Features:
+        """pixels: [B,3,S,S] -> Features(tokens [B,N,D] with N = (S/patch)^2, summary [B,D])."""
+        x = self.conv1(pixels).flatten(2).transpose(1, 2)  # [B,N,D]
+        if x.shape[1] != self.grid**2:
+            raise ValueError(
+                f"images of {tuple(pixels.shape[-2:])} px give {x.shape[1]} patches, but this ViT was built for "
+                f"{self.grid}x{self.grid}; preprocess with the size the model was configured with"
+            )
+        cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)  # [B,1,D]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding  # [B,1+N,D]
+        x = self.transformer(self.ln_pre(x))
+        tokens = x[:, 1:]
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return Features(tokens=tokens, mask=mask, summary=self.ln_post(x[:, 0]))
+
+
+@ENCODERS.register("image")
+class ImageEncoder(nn.Module):
+    """The ``image`` batch entry ({"pixels": [B,3,S,S]}) through a ViT sized by model.image and prep.image.size."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.vit = VisionTransformer(cfg.model.image, cfg.prep.image.size)
+        self.width = self.vit.width
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> Features:
+        return self.vit(inputs["pixels"])
