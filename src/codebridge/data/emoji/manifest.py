@@ -1,0 +1,66 @@
+"""manifest.json: what was built from what, with a sha256 of every file; it is written last, so it marks completion."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+VERSION = 1  # bump when the builder's output changes, so older builds are rebuilt instead of trusted
+TABLES = ("concepts.jsonl", "images.jsonl", "speech.jsonl", "scenes.jsonl", "clips.jsonl", "splits.json")
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(root: Path, relpaths: list[str], progress: bool = True) -> dict[str, str]:
+    """relpath -> sha256, sorted by path so the manifest is byte-identical across equal builds."""
+    return {
+        rel: sha256(root / rel) for rel in tqdm(sorted(relpaths), desc="checksums", unit="file", disable=not progress)
+    }
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, root / MANIFEST)
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest, or None when the folder holds no complete build."""
+    try:
+        return json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def check_build(root: Path, expected: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """``(manifest, "")`` when the build at ``root`` can be reused for ``expected`` settings, else ``(None, why)``.
+
+    Cheap on purpose (a second run must be instant): every listed file must exist and the tables must match their
+    checksums; media files are not re-hashed.
+    """
+    manifest = read_manifest(root)
+    if manifest is None:
+        return None, f"no readable {MANIFEST}"
+    for key, value in expected.items():
+        if manifest.get(key) != value:
+            return None, f"built with {key}={manifest.get(key)!r}, asked for {value!r}"
+    sums = manifest.get("checksums", {})
+    missing = [rel for rel in sums if not (root / rel).is_file()]
+    if missing:
+        return None, f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+    for table in TABLES:
+        if table not in sums or sha256(root / table) != sums[table]:
+            return None, f"{table} differs from its checksum in {MANIFEST}"
+    return manifest, ""
