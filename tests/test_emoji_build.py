@@ -17,7 +17,7 @@ from codebridge.data.emoji.build import build_emoji
 from codebridge.data.emoji.npm import MissingToolError
 from codebridge.paths import codebridge_home, emoji_root
 
-TINY = {"limit": 12, "n_scenes": 6, "n_clips": 4}
+TINY = {"limit": 12, "n_scenes": 6, "n_clips": 16}  # 16 clips: every motion twice
 
 
 def _manifest(root: Path) -> dict:

@@ -1,7 +1,7 @@
 """Stage 4: 12-frame 64x64 clips of one emoji moving, zooming or rotating, encoded as H.264 MP4 with PyAV.
 
 Real video files (not frame folders) so the data layer decodes them exactly like user video; the codec runs
-single-threaded, which makes the bytes reproducible.
+single-threaded and without macroblock-tree rate control, which makes the bytes reproducible.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def render_clip(plan: ClipPlan) -> dict[str, Any]:
         stream = container.add_stream("libx264", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": "18", "preset": "medium", "threads": "1"}
+        # mbtree off: with it, x264 output on these tiny frames depends on what the process encoded before.
+        stream.options = {"crf": "18", "preset": "medium", "threads": "1", "x264-params": "mbtree=0"}
         for i in range(FRAMES):
             pixels = np.asarray(_frame(plan, art, i / (FRAMES - 1)))
             container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))

@@ -10,7 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-VERSION = 1  # bump when the builder's output changes, so older builds are rebuilt instead of trusted
+VERSION = 2  # bump when the builder's output changes, so older builds are rebuilt instead of trusted
 TABLES = ("concepts.jsonl", "images.jsonl", "speech.jsonl", "scenes.jsonl", "clips.jsonl", "splits.json")
 MANIFEST = "manifest.json"
 
