@@ -129,7 +129,7 @@ class CodebookConfig:
     decay: float = 0.99
     eps: float = 1e-5
     commitment_weight: float = 0.25
-    cmcm_weight: float = 1.0
+    cmcm_weight: float = 0.5  # CMG: cmcm = 0.5 * sum of the pair losses (Paper A's alpha is unverified)
     summary_weight: float = 1.0
     discrete_summary_weight: float = 1.0
     fusion_lambda: float = 1.0  # S = S_cont + lambda * S_disc at retrieval time
@@ -137,6 +137,7 @@ class CodebookConfig:
     kmeans_init: bool = False
     kmeans_iters: int = 10
     cmcm_margin: float = 0.0
+    cmcm_symmetric: bool = False  # CMG: row softmax only; True averages both directions (ours)
     mm_ema: bool = False  # CMG extension: multimodal EMA update
     cross_commitment: bool = False  # CMG extension: commit to the paired modality's codes too
 
@@ -156,6 +157,8 @@ class FdtConfig:
     token_weight_decay: bool = True  # the authors' FDT table gets weight decay
     topk_sparsemax: bool = True  # partial top-k sparsemax (exact; falls back to larger k when needed)
     chunk_size: int = 0  # >0: memory-lean max-pool over tokens in chunks of this many tokens
+    temperature_staircase: bool = True  # the authors' solver recomputes T only when step % temperature_every == 0
+    sparsemax_k: int = 64  # first k of top-k sparsemax; afterwards k follows the observed support
 
 
 @dataclass

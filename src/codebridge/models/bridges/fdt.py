@@ -1,0 +1,194 @@
+"""Finite Discrete Tokens (Chen et al. 2023): every modality is a sparse mixture of C learnable tokens it shares.
+
+Per modality: queries ``q = Linear(LN(GELU(Linear(LN(x)))))`` of the fine-grained vectors, grounding
+``s = q . FDT / sqrt(d) / T`` pooled over the vectors (fdt_grounding.py), weights ``w = sparsemax(s)`` over the C
+tokens, embedding ``normalize(w @ FDT)``. The loss is the symmetric InfoNCE on these embeddings over every present
+pair; there is no other loss (the sparsity constraint *is* sparsemax). See docs/bridges-fdt.md for every knob.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codebridge.config import BridgeConfig, ConfigError, FdtConfig
+from codebridge.models.bridges.base import BRIDGES, Bridge, modality_pairs, pairwise_contrastive
+from codebridge.models.bridges.fdt_grounding import pooled_scores, token_scores
+from codebridge.models.bridges.sparsemax import AdaptiveTopkSparsemax, sparsemax
+from codebridge.models.features import BridgeOutput, Features
+
+
+def fdt_temperature(cfg: FdtConfig, step: int) -> float:
+    """T = max(T0 * decay ** (step / every), floor); staircase: the exponent is step // every, as in the solver."""
+    exponent = step // cfg.temperature_every if cfg.temperature_staircase else step / cfg.temperature_every
+    return max(cfg.temperature * cfg.temperature_decay**exponent, cfg.temperature_floor)
+
+
+def _softmax(s: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)
+
+
+def _sigmoid(s: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(s.to(torch.promote_types(s.dtype, torch.float32)))
+
+
+def _check(cfg: FdtConfig) -> None:
+    positive = {
+        "num_tokens": cfg.num_tokens,
+        "dim": cfg.dim,
+        "temperature": cfg.temperature,
+        "temperature_decay": cfg.temperature_decay,
+        "temperature_every": cfg.temperature_every,
+        "temperature_floor": cfg.temperature_floor,
+        "sparsemax_k": cfg.sparsemax_k,
+        "query_hidden": cfg.query_hidden or 1,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"model.bridge.fdt.{name}: must be > 0, got {value!r}")
+    if cfg.chunk_size < 0:
+        raise ConfigError(f"model.bridge.fdt.chunk_size: must be >= 0 (0 = naive grounding), got {cfg.chunk_size}")
+
+
+def query_mlp(width: int, hidden: int, dim: int) -> nn.Sequential:
+    """The authors' Query_model map: LN -> Linear -> GELU -> LN -> Linear, from the encoder width to d."""
+    return nn.Sequential(
+        nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, dim)
+    )
+
+
+class _Usage:
+    """Token-usage counters of one logging window (this rank only: no collective, so no rank can wait on another).
+
+    Counts stay on the weights' device as running sums, so updating them never waits for the device.
+    """
+
+    def __init__(self) -> None:
+        self.ever: dict[str, torch.Tensor] = {}  # modality -> [C] bool: token active for some sample
+        self.active: dict[str, torch.Tensor] = {}  # modality -> number of (sample, active token) pairs
+        self.agree: dict[str, torch.Tensor] = {}  # "a-b" -> number of pairs whose top tokens are equal
+        self.samples: dict[str, int] = {}  # modality or "a-b" -> samples counted
+
+    @torch.no_grad()
+    def update(self, weights: dict[str, torch.Tensor]) -> None:
+        for m, w in weights.items():
+            self._add(m, w.shape[0])
+            self.ever[m] = (w > 0).any(0) | self.ever.get(m, False)
+            self.active[m] = (w > 0).sum() + self.active.get(m, 0)
+        for a, b in modality_pairs(weights):
+            if weights[a].shape[0] == weights[b].shape[0]:
+                self._add(f"{a}-{b}", weights[a].shape[0])
+                same = (weights[a].argmax(-1) == weights[b].argmax(-1)).sum()
+                self.agree[f"{a}-{b}"] = same + self.agree.get(f"{a}-{b}", 0)
+
+    def _add(self, key: str, n: int) -> None:
+        self.samples[key] = self.samples.get(key, 0) + n
+
+    def summary(self) -> dict[str, float]:
+        stats = {}
+        for m, ever in self.ever.items():
+            stats[f"fdt/{m}/used"] = ever.float().mean().item()
+            stats[f"fdt/{m}/active"] = self.active[m].item() / self.samples[m]
+        for pair, same in self.agree.items():
+            stats[f"fdt/agree/{pair}"] = same.item() / self.samples[pair]
+        return stats
+
+
+@BRIDGES.register("fdt")
+class FdtBridge(Bridge):
+    """Shared token table ``tokens`` [C, d] (N(0, 1) init), one query MLP per modality; embedding width is fdt.dim.
+
+    extras per modality: ``weights`` [B, C] (the activation's output, for sigmoid not divided by its sum) and,
+    with ``forward(..., token_scores=True)``, ``token_scores`` [B, T, C] (see ``token_fdt_scores``).
+    The buffer ``step`` holds the last training step, so a saved model grounds at the temperature it reached.
+    """
+
+    def __init__(self, cfg: BridgeConfig, widths: dict[str, int]) -> None:
+        super().__init__(cfg, widths)
+        _check(cfg.fdt)
+        self.fdt = cfg.fdt
+        self.tokens = nn.Parameter(torch.randn(cfg.fdt.num_tokens, cfg.fdt.dim))
+        hidden = cfg.fdt.query_hidden or cfg.fdt.dim
+        self.query = nn.ModuleDict({m: query_mlp(w, hidden, cfg.fdt.dim) for m, w in widths.items()})
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._activation = self._make_activation()
+        self._usage = _Usage()
+
+    def _make_activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.fdt.activation == "sparsemax":
+            return AdaptiveTopkSparsemax(self.fdt.sparsemax_k) if self.fdt.topk_sparsemax else sparsemax
+        return _softmax if self.fdt.activation == "softmax" else _sigmoid
+
+    def temperature(self, step: int | None = None) -> float:
+        """Grounding temperature at ``step`` (None: the stored step of the last training forward)."""
+        return fdt_temperature(self.fdt, int(self.step) if step is None else step)
+
+    def _queries(self, m: str, f: Features) -> torch.Tensor:
+        if m not in self.query:
+            raise KeyError(f"fdt bridge: no query MLP for modality {m!r}; it was built for {sorted(self.query)}")
+        if self.fdt.pad_mode == "neg_inf" and not bool(f.mask.any(1).all()):
+            raise ValueError(f"fdt bridge: a {m} input has no real token (mask all False); nothing to ground on")
+        return self.query[m](f.tokens)
+
+    def forward(
+        self, features: dict[str, Features], step: int | None = None, *, token_scores: bool = False
+    ) -> dict[str, BridgeOutput]:
+        """``step`` None (evaluation): use the stored step; in training mode a given step is also stored."""
+        if step is not None and self.training:
+            self.step.fill_(step)
+        temperature = self.temperature(step)
+        outputs, weights = {}, {}
+        for m, f in features.items():
+            q = self._queries(m, f)
+            s = pooled_scores(
+                q, self.tokens, f.mask, temperature, self.fdt.pooling, self.fdt.pad_mode, self.fdt.chunk_size
+            )
+            w = self._activation(s)
+            # the authors divide the sigmoid mixture by sum(w); the L2 normalisation below cancels that factor
+            pooled = w.to(self.tokens.dtype) @ self.tokens
+            extras = {"weights": w}
+            if token_scores:
+                extras["token_scores"] = self._token_scores(q, f.mask, temperature)
+            outputs[m] = BridgeOutput(F.normalize(pooled, dim=-1), extras)
+            weights[m] = w
+        self._usage.update(weights)
+        return outputs
+
+    def _token_scores(self, q: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+        return token_scores(q, self.tokens, mask, temperature, "neg_inf")
+
+    def token_fdt_scores(self, features: dict[str, Features]) -> dict[str, torch.Tensor]:
+        """Per modality the grounding s [B, T, C] at the stored temperature, before pooling (for localization).
+
+        Padded positions are -inf whatever ``pad_mode`` is, so they never look like a real (zero) score.
+        """
+        temperature = self.temperature()
+        return {m: self._token_scores(self._queries(m, f), f.mask, temperature) for m, f in features.items()}
+
+    def loss(self, outputs: dict[str, BridgeOutput], step: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sum over every present pair of the symmetric InfoNCE on the FDT embeddings (negatives from all ranks)."""
+        scale = self.logit_scale()
+        embeddings = {m: out.embedding for m, out in outputs.items()}
+        total, parts = pairwise_contrastive(embeddings, scale, self.cfg.margin, prefix="loss/contrastive")
+        logs = {name: value.item() for name, value in parts.items()}
+        logs["logit_scale"] = scale.item()
+        active = [(out.extras["weights"] > 0).sum(-1).float().mean() for out in outputs.values()]
+        logs["fdt/active"] = torch.stack(active).mean().item()
+        logs["fdt/temperature"] = self.temperature(step)
+        return total, logs
+
+    def no_weight_decay(self) -> set[str]:
+        """The authors decay the token table (it is not in their no-decay list); token_weight_decay=False opts out."""
+        names = super().no_weight_decay()
+        return names if self.fdt.token_weight_decay else names | {"tokens"}
+
+    def usage_stats(self) -> dict[str, float]:
+        """Since the last call, on this rank: per modality ``fdt/{m}/used`` (fraction of tokens active for some
+        sample), ``fdt/{m}/active`` (mean active tokens per sample); per pair ``fdt/agree/{a}-{b}`` (fraction of
+        pairs whose top-weighted tokens are equal)."""
+        stats = self._usage.summary()
+        self._usage = _Usage()
+        return stats
