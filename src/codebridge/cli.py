@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scenes with boxes and video clips. Idempotent: a second run checks and does nothing.",
     )
     emoji.add_argument("--out", type=Path, default=None, help="dataset folder (default $CODEBRIDGE_HOME/emoji)")
-    emoji.add_argument("--limit", type=int, default=None, help="only the first N concepts (quick subsets)")
+    emoji.add_argument("--limit", type=int, default=None, help="only N concepts, spread over all groups")
     emoji.add_argument("--scenes", type=int, default=1200, help="number of scenes (default 1200)")
     emoji.add_argument("--clips", type=int, default=1200, help="number of clips (default 1200)")
     emoji.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
