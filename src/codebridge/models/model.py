@@ -1,0 +1,262 @@
+"""The assembled model: one encoder per modality + a bridge, with the Python API (encode, similarity, save, load).
+
+A model folder holds ``model.safetensors`` (the state dict), ``config.json`` (the full Config, the modalities and
+the codebridge version) and the preprocessing (``preprocessing.json`` + tokenizer files): everything needed to use
+the model offline, and nothing pickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import pkgutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from codebridge import __version__
+from codebridge.config import Config, ConfigError, from_dict, to_dict
+from codebridge.data.preprocess import PREP_FILE, Preprocessors, Tokenizer
+from codebridge.data.preprocess.text import TOKENIZER_FILE
+from codebridge.data.sample import MODALITIES
+from codebridge.models import bridges
+from codebridge.models.bridges.base import BRIDGES
+from codebridge.models.encoders import ENCODERS
+from codebridge.models.features import BridgeOutput
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+Batch = dict[str, Any]
+
+
+def import_bridges() -> None:
+    """Import every module of ``codebridge.models.bridges`` so each bridge registers itself in ``BRIDGES``."""
+    for info in pkgutil.iter_modules(bridges.__path__):
+        importlib.import_module(f"{bridges.__name__}.{info.name}")
+
+
+class CodeBridgeModel(nn.Module):
+    """``encoders[modality]`` (``ENCODERS``) feeding one bridge (``BRIDGES``, named by cfg.model.bridge.name).
+
+    ``preprocessors`` must carry the tokenizer when "text" is a modality; its vocabulary sizes the text encoder.
+    """
+
+    def __init__(self, cfg: Config, modalities: Sequence[str], preprocessors: Preprocessors) -> None:
+        super().__init__()
+        unknown = sorted(set(modalities) - set(MODALITIES))
+        if unknown or len(set(modalities)) != len(modalities) or not modalities:
+            raise ConfigError(f"data.modalities: {list(modalities)} is not a list of distinct {', '.join(MODALITIES)}")
+        if preprocessors.prep != cfg.prep:
+            raise ConfigError(
+                "the preprocessors' settings differ from the config's prep section; build them with "
+                "Preprocessors(cfg.prep, tokenizer) so the encoders are sized for the inputs they get"
+            )
+        if "text" in modalities and preprocessors.text is None:
+            raise ValueError("the text modality needs a tokenizer: Preprocessors(cfg.prep, Tokenizer.train(...))")
+        self.cfg = cfg
+        self.modalities = list(modalities)
+        self.preprocessors = preprocessors
+        self.encoders = nn.ModuleDict({m: self._build_encoder(m) for m in self.modalities})
+        import_bridges()
+        widths = {m: enc.width for m, enc in self.encoders.items()}
+        self.bridge = BRIDGES.get(cfg.model.bridge.name)(cfg.model.bridge, widths)
+
+    def _build_encoder(self, modality: str) -> nn.Module:
+        if modality == "text":
+            return ENCODERS.get("text")(self.cfg, vocab_size=self.preprocessors.text.vocab_size)
+        return ENCODERS.get(modality)(self.cfg)
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.preprocessors.text
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---------------------------------------------------------------------------------------------- training
+    def forward(self, batch: Batch, step: int = 0) -> dict[str, BridgeOutput]:
+        """Encode every model modality present in ``batch`` (the collate contract) and run the bridge."""
+        present = [m for m in self.modalities if m in batch]
+        if not present:
+            raise KeyError(f"the batch has none of the model's modalities {self.modalities}; it has {sorted(batch)}")
+        return self.bridge({m: self.encoders[m](batch[m]) for m in present}, step)
+
+    def loss(self, batch: Batch, step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.bridge.loss(self(batch, step), step)
+
+    # ---------------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def encode(self, modality: str, inputs: Any, batch_size: int = 256) -> torch.Tensor:
+        """Retrieval embeddings [N, E] of raw items or of an already collated batch entry (a dict of tensors).
+
+        Raw items: image paths, bytes, PIL images or uint8 [H,W,3] arrays; strings; audio paths, bytes or mono
+        waveforms at ``prep.audio.sample_rate`` (1-D arrays/tensors); video paths, bytes or uint8 [T,H,W,3]
+        arrays. They get the eval transforms (no augmentation). Runs in eval mode, restoring the mode after.
+        """
+        if modality not in self.encoders:
+            raise KeyError(f"this model has no {modality} encoder; its modalities are {self.modalities}")
+        chunks = (
+            _chunks(inputs, batch_size) if isinstance(inputs, dict) else self._raw_chunks(modality, inputs, batch_size)
+        )
+        was_training = self.training
+        self.eval()
+        try:
+            out = [self._embed(modality, chunk) for chunk in chunks]
+        finally:
+            self.train(was_training)
+        if not out:
+            raise ValueError(f"encode({modality!r}) got no inputs")
+        return torch.cat(out)
+
+    def _embed(self, modality: str, entry: dict[str, torch.Tensor]) -> torch.Tensor:
+        entry = {k: v.to(self.device) for k, v in entry.items()}
+        return self.bridge({modality: self.encoders[modality](entry)})[modality].embedding
+
+    def _raw_chunks(self, modality: str, items: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        if isinstance(items, (str, Path, bytes, Image.Image, np.ndarray, torch.Tensor)):
+            items = [items]  # one item
+        items = list(items)
+        return [
+            prepare_batch(self.preprocessors, modality, items[i : i + batch_size])
+            for i in range(0, len(items), batch_size)
+        ]
+
+    @staticmethod
+    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Retrieval scores [N_a, N_b]: dot products of embeddings (cosine for plain L2-normalised ones)."""
+        return a @ b.T
+
+    # ---------------------------------------------------------------------------------------------- files
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors``, ``config.json`` and the preprocessing into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        meta = {"codebridge_version": __version__, "modalities": self.modalities, "config": to_dict(self.cfg)}
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        self.preprocessors.save(directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> CodeBridgeModel:
+        """Rebuild from ``config.json`` and the preprocessing, then load the weights (strict, via safetensors)."""
+        directory = Path(directory)
+        cfg, modalities = read_model_config(directory)
+        required = [WEIGHTS_FILE, PREP_FILE, *([TOKENIZER_FILE] if "text" in modalities else [])]
+        _require_files(directory, required)
+        preprocessors = Preprocessors.load(directory)
+        try:
+            model = cls(cfg, modalities, preprocessors)
+        except ConfigError as exc:
+            raise ConfigError(f"{directory / CONFIG_FILE}: {exc}") from None
+        state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
+        problems = state_dict_mismatch(model.state_dict(), state)
+        if problems:
+            raise ConfigError(
+                f"{directory / WEIGHTS_FILE} does not fit {directory / CONFIG_FILE} ({problems}); "
+                "the two files come from different models"
+            )
+        model.load_state_dict(state, strict=True)
+        return model.to(map_location).eval()
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What keeps ``found`` from loading strictly into a model with ``expected`` ("" when it fits)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [
+        f"{k}: {tuple(found[k].shape)} in the file, {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    parts = [
+        *([f"missing {missing[:5]}"] if missing else []),
+        *([f"unexpected {unexpected[:5]}"] if unexpected else []),
+        *shapes[:5],
+    ]
+    return "; ".join(parts)
+
+
+def _require_files(directory: Path, names: list[str]) -> None:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model folder {directory} does not exist; pass RUN/model (written by training)")
+    for name in names:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"model folder {directory} lacks {name}; pass RUN/model (written by training)")
+
+
+def read_model_config(directory: Path) -> tuple[Config, list[str]]:
+    """The Config and modalities of a model folder; a clear ConfigError when they do not fit this codebridge."""
+    _require_files(directory, [CONFIG_FILE])
+    path = directory / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    missing = [k for k in ("config", "modalities") if k not in meta] if isinstance(meta, dict) else ["config"]
+    if missing:
+        raise ConfigError(f"{path}: lacks key(s) {', '.join(missing)}; it was not written by CodeBridgeModel.save")
+    try:
+        cfg = from_dict(Config, meta["config"], path="config")
+    except ConfigError as exc:
+        version = meta.get("codebridge_version", "an unknown version")
+        raise ConfigError(f"{path}: {exc} (written by codebridge {version}, this is {__version__})") from None
+    return cfg, list(meta["modalities"])
+
+
+def _chunks(entry: dict[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split a collated batch entry along the batch dimension."""
+    n = len(next(iter(entry.values())))
+    return [{k: v[i : i + batch_size] for k, v in entry.items()} for i in range(0, n, batch_size)]
+
+
+def prepare_batch(prep: Preprocessors, modality: str, items: list[Any]) -> dict[str, torch.Tensor]:
+    """Raw items -> one modality's batch entry with the eval transforms, padded exactly as ``collate`` pads."""
+    if modality == "text":
+        bad = [i for i, t in enumerate(items) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"text inputs must be strings; item {bad[0]} is {type(items[bad[0]]).__name__}")
+        ids, mask = prep.text.encode(items)
+        return {"ids": ids, "mask": mask}
+    if modality == "image":
+        return {"pixels": torch.stack([prep.image(_rgb(prep, item), train=False) for item in items])}
+    if modality == "audio":
+        mels = [prep.audio(_waveform(prep, item), train=False) for item in items]
+        masks = [torch.ones(len(mel), dtype=torch.bool) for mel in mels]
+        return {"mel": pad_sequence(mels, batch_first=True), "mask": pad_sequence(masks, batch_first=True)}
+    frames = [item if isinstance(item, np.ndarray) else prep.video.load(item) for item in items]
+    return {"frames": torch.stack([prep.video(f, train=False) for f in frames])}
+
+
+def _rgb(prep: Preprocessors, item: Any) -> Image.Image | np.ndarray:
+    """An RGB image; PIL images with alpha go through the file decoder so they are composited like files."""
+    if isinstance(item, np.ndarray) or (isinstance(item, Image.Image) and item.mode == "RGB"):
+        return item
+    if isinstance(item, Image.Image):
+        buffer = io.BytesIO()
+        item.save(buffer, format="PNG")
+        item = buffer.getvalue()
+    return prep.image.load(item)
+
+
+def _waveform(prep: Preprocessors, item: Any) -> torch.Tensor:
+    """A mono waveform at prep.audio.sample_rate: decoded from a file, or given as a 1-D array/tensor."""
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        wave = torch.as_tensor(item, dtype=torch.float32)
+        if wave.ndim != 1:
+            raise ValueError(
+                f"a waveform must be 1-D mono samples at prep.audio.sample_rate, got shape {tuple(wave.shape)}"
+            )
+        return wave
+    return prep.audio.load(item)
