@@ -213,6 +213,7 @@ class EvalConfig:
     zeroshot_templates: list[str] = field(
         default_factory=lambda: ["{}", "an emoji of {}", "a picture of {}", "an icon of {}"]
     )
+    linear_probe_c: float = 1.0  # inverse L2 strength of the probe's logistic regression (standardised features)
 
 
 @dataclass
