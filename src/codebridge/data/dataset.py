@@ -1,0 +1,296 @@
+"""Samples -> preprocessed tensors -> batches, with bad-sample accounting, a decoded-input cache and a
+deterministic, rank-sharded, resumable loader.
+
+Every random choice for a sample (caption, augmentation) comes from a generator seeded by
+(seed, epoch, index, modality), so a resumed run, a different number of workers or another rank layout
+sees exactly the same data, and adding a modality to a run does not change the others' augmentation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from codebridge.data.preprocess import Preprocessors
+from codebridge.data.sample import MODALITIES, BadSampleError, Sample
+
+logger = logging.getLogger(__name__)
+
+Item = dict[str, Any]
+
+
+def all_texts(samples: Iterable[Sample]) -> list[str]:
+    """Every caption of every sample, in order: the corpus the tokenizer is trained on."""
+    return [text for sample in samples for text in sample.texts]
+
+
+def derive_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed, epoch, index, ...); negative ones are taken modulo 2**64."""
+    entropy = [v % 2**64 for v in values]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def _generator(*values: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*values))
+
+
+class SampleDataset(Dataset):
+    """Decodes and preprocesses ``modalities`` of each sample into the per-item form of the batch contract.
+
+    ``__getitem__(i)`` -> {"index": i, "labels": {name: int}, modality: {name: tensor}}; "text" holds ONE
+    caption (random at train time, the first at eval). A sample that lacks a modality or fails to decode raises
+    ``BadSampleError`` naming its source; with ``skip_bad`` it gives None instead, and (source, reason) is
+    appended to ``bad`` and logged. With ``cache``, decoded inputs (image uint8 arrays, waveforms, frame
+    arrays; before any augmentation) stay in a per-process dict, so later epochs skip decoding: each
+    DataLoader worker (kept alive across epochs by ``build_loader``) holds its own copy of what it decoded.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        modalities: list[str],
+        prep: Preprocessors,
+        train: bool,
+        skip_bad: bool = False,
+        cache: bool = True,
+        seed: int = 0,
+    ) -> None:
+        unknown = sorted(set(modalities) - set(MODALITIES))
+        if unknown or not modalities:
+            raise ValueError(f"data.modalities: {modalities} is not a non-empty list of {', '.join(MODALITIES)}")
+        if "text" in modalities and prep.text is None:
+            raise ValueError(
+                "the text modality needs a tokenizer: "
+                "Preprocessors(prep, Tokenizer.train(all_texts(samples), prep.text))"
+            )
+        self.samples = samples
+        self.modalities = list(modalities)
+        self.prep = prep
+        self.train = train
+        self.skip_bad = skip_bad
+        self.cache = cache
+        self.seed = seed
+        self.epoch = 0
+        self.bad: list[tuple[str, str]] = []
+        self._decoded: dict[tuple[int, str], Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch ``__getitem__`` draws its randomness for (the loader passes it explicitly instead)."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> Item | None:
+        try:
+            return self.load(index, self.epoch)
+        except BadSampleError as err:
+            if not self.skip_bad:
+                raise
+            self.record_bad(err.source, err.reason)
+            return None
+
+    def record_bad(self, source: str, reason: str) -> None:
+        self.bad.append((source, reason))
+        logger.warning("skipping bad sample %s: %s", source, reason)
+
+    def load(self, index: int, epoch: int) -> Item:
+        """Sample ``index`` preprocessed with the randomness of ``epoch``; raises BadSampleError."""
+        sample = self.samples[index]
+        item: Item = {"index": index, "labels": dict(sample.labels)}
+        for modality in self.modalities:
+            generator = _generator(self.seed, epoch, index, MODALITIES.index(modality))
+            item[modality] = self._preprocess(modality, self._decode(index, modality), generator)
+        return item
+
+    def _decode(self, index: int, modality: str) -> Any:
+        sample = self.samples[index]
+        if not sample.has(modality):
+            raise BadSampleError(
+                sample.source, f"has no {modality}, which this run needs (data.modalities={self.modalities})"
+            )
+        if modality == "text":
+            return sample.texts
+        key = (index, modality)
+        if key in self._decoded:
+            return self._decoded[key]
+        try:
+            decoded = getattr(self.prep, modality).load(getattr(sample, modality))
+        except ValueError as exc:
+            raise BadSampleError(sample.source, f"{modality}: {exc}") from exc
+        if modality == "image":
+            decoded = np.asarray(decoded)  # [H,W,3] uint8: compact and picklable
+        if self.cache:
+            self._decoded[key] = decoded
+        return decoded
+
+    def _preprocess(self, modality: str, decoded: Any, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if modality == "image":
+            return {"pixels": self.prep.image(decoded, self.train, generator)}
+        if modality == "text":
+            choice = int(torch.randint(len(decoded), (), generator=generator)) if self.train else 0
+            ids, mask = self.prep.text.encode([decoded[choice]])
+            return {"ids": ids[0], "mask": mask[0]}
+        if modality == "audio":
+            mel = self.prep.audio(decoded, self.train, generator)
+            return {"mel": mel, "mask": torch.ones(mel.shape[0], dtype=torch.bool)}
+        return {"frames": self.prep.video(decoded, self.train, generator)}
+
+
+def collate(items: list[Item | None]) -> dict[str, Any] | None:
+    """Items -> the batch contract: Nones (skipped samples) dropped, tensors stacked, variable-length ones
+    (audio frames and their mask) right-padded with zeros/False; a label a sample lacks is -1. None if empty."""
+    items = [item for item in items if item is not None]
+    if not items:
+        return None
+    names = sorted({name for item in items for name in item["labels"]})
+    batch: dict[str, Any] = {
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "labels": {name: torch.tensor([item["labels"].get(name, -1) for item in items]) for name in names},
+    }
+    for modality in MODALITIES:
+        if modality in items[0]:
+            keys = items[0][modality]
+            batch[modality] = {
+                key: pad_sequence([item[modality][key] for item in items], batch_first=True) for key in keys
+            }
+    return batch
+
+
+@dataclass(frozen=True)
+class _Bad:
+    """A BadSampleError as a plain value (exceptions with two arguments do not survive worker pickling)."""
+
+    source: str
+    reason: str
+
+
+class _EpochItems(Dataset):
+    """Indexed by (epoch, index), so persistent workers need no epoch broadcast; bad samples become ``_Bad``."""
+
+    def __init__(self, dataset: SampleDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Item | _Bad:
+        epoch, index = key
+        try:
+            return self.dataset.load(index, epoch)
+        except BadSampleError as err:
+            return _Bad(err.source, err.reason)
+
+
+def _collate_keeping_bad(items: list[Item | _Bad]) -> tuple[dict[str, Any] | None, list[_Bad]]:
+    bad = [item for item in items if isinstance(item, _Bad)]
+    return collate([item for item in items if not isinstance(item, _Bad)]), bad
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """This rank's batches of (epoch, index) for the epoch and first batch set before iterating.
+
+    Order: a permutation seeded by (seed, epoch) (identity without shuffle). Rank r takes every
+    world_size-th index from position r, so the ranks' batch s together are the global batch s of one
+    process with batch_size * world_size. With drop_last every rank gets the same number of full batches.
+    """
+
+    def __init__(
+        self, size: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int, world_size: int
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size} must be at least 1")
+        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch = 0
+        self.first = 0
+
+    def indices(self, epoch: int) -> list[int]:
+        """Every index this rank sees in ``epoch``, in order."""
+        order = torch.randperm(self.size, generator=_generator(self.seed, epoch)) if self.shuffle else range(self.size)
+        mine = [int(i) for i in order[self.rank :: self.world_size]]
+        return mine[: self.size // self.world_size] if self.drop_last else mine
+
+    def __len__(self) -> int:
+        per_rank = len(range(self.rank, self.size, self.world_size))
+        if self.drop_last:
+            return (self.size // self.world_size) // self.batch_size
+        return math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        indices = self.indices(self.epoch)
+        for b in range(self.first, len(self)):
+            yield [(self.epoch, i) for i in indices[b * self.batch_size : (b + 1) * self.batch_size]]
+
+
+class Loader:
+    """Batches of a SampleDataset; each ``for batch in loader`` is one epoch, the next loop the next epoch.
+
+    The first loop runs epoch ``start_step // len(loader)`` from batch ``start_step % len(loader)``: skipped
+    batches are never decoded. ``epoch`` is the epoch of the latest loop. Bad samples (with ``skip_bad``) are
+    recorded in ``dataset.bad`` in this process, whichever worker met them; a batch of only bad samples is left out.
+    """
+
+    def __init__(self, dataset: SampleDataset, batches: EpochBatches, num_workers: int, start_step: int) -> None:
+        self.dataset = dataset
+        self._batches = batches
+        self._next_epoch, self._first = divmod(start_step, len(batches))
+        self.epoch = self._next_epoch
+        self._loader = DataLoader(
+            _EpochItems(dataset),
+            batch_sampler=batches,
+            collate_fn=_collate_keeping_bad,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,  # workers keep their decoded-input caches across epochs
+            generator=torch.Generator().manual_seed(batches.seed),  # leave the global RNG alone
+        )
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.epoch, self._batches.epoch, self._batches.first = self._next_epoch, self._next_epoch, self._first
+        self._next_epoch, self._first = self._next_epoch + 1, 0
+        self.dataset.set_epoch(self.epoch)
+        return self._batches_of_epoch()
+
+    def _batches_of_epoch(self) -> Iterator[dict[str, Any]]:
+        for batch, bad in self._loader:
+            for item in bad:
+                if not self.dataset.skip_bad:
+                    raise BadSampleError(item.source, item.reason)
+                self.dataset.record_bad(item.source, item.reason)
+            if batch is not None:
+                yield batch
+
+
+def build_loader(
+    dataset: SampleDataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int,
+    drop_last: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
+) -> Loader:
+    """A deterministic (seed, epoch) -> order loader over this rank's shard; see ``Loader`` and ``EpochBatches``."""
+    batches = EpochBatches(len(dataset), batch_size, shuffle, seed, drop_last, rank, world_size)
+    if len(batches) == 0:
+        raise ValueError(
+            f"{len(dataset)} samples over {world_size} rank(s) make no batch of {batch_size}"
+            + (" with drop_last" if drop_last else "")
+            + "; lower train.batch_size or add data"
+        )
+    return Loader(dataset, batches, num_workers, start_step)

@@ -1,0 +1,110 @@
+"""Audio preprocessing in torch: decode (soundfile), mono mixdown, band-limited resampling, log-mel features.
+
+``log_mel`` uses a centred STFT (reflect padding), so a clip of N samples gives ``N // hop_length + 1`` frames;
+the audio encoder sizes its positions from the same formula.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import soundfile as sf
+import torch
+
+from codebridge.config import AudioPrep
+from codebridge.data.preprocess.source import Source, as_file, describe
+
+LOG_EPS = 1e-6
+ZERO_CROSSINGS = 16  # half-width of the resampling kernel, in zero crossings of its sinc
+ROLLOFF = 0.95  # lowpass cutoff as a fraction of the lower Nyquist frequency
+MAX_GAIN_DB = 6.0  # train-time random gain range (+-)
+
+
+@lru_cache(maxsize=8)
+def _resample_kernel(orig: int, new: int) -> tuple[torch.Tensor, int]:
+    """Polyphase windowed-sinc filters [new, 1, K] (one per output phase) and their left reach in input samples.
+
+    Output sample m = k*new + j lies at input position k*orig + j*orig/new; its filter weights input
+    k*orig + r - reach with h(r - reach - j*orig/new), h a Hann-windowed sinc lowpass at ``ROLLOFF`` times
+    the lower of the two Nyquist frequencies (so downsampling does not alias).
+    """
+    cutoff = ROLLOFF * min(1.0, new / orig)  # in cycles per input sample, relative to the input Nyquist
+    reach = math.ceil(ZERO_CROSSINGS / cutoff)
+    t = torch.arange(-reach, reach + orig, dtype=torch.float64)[None] - torch.arange(new, dtype=torch.float64)[
+        :, None
+    ] * (orig / new)  # [new, K]: distance of each tap from the output position
+    window = torch.where(t.abs() <= reach, torch.cos(t * math.pi / (2 * reach)) ** 2, 0.0)
+    kernel = cutoff * torch.sinc(cutoff * t) * window
+    return kernel.float()[:, None], reach
+
+
+def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
+    """[N] at ``orig_rate`` -> [ceil(N * new_rate / orig_rate)] at ``new_rate`` (band-limited, polyphase)."""
+    if orig_rate == new_rate:
+        return wave
+    g = math.gcd(orig_rate, new_rate)
+    orig, new = orig_rate // g, new_rate // g
+    kernel, reach = _resample_kernel(orig, new)
+    x = torch.nn.functional.pad(wave[None, None], (reach, reach + orig))
+    y = torch.nn.functional.conv1d(x, kernel, stride=orig)  # [1, new, blocks]: phase j of block k
+    return y[0].T.reshape(-1)[: math.ceil(wave.numel() * new / orig)]
+
+
+@lru_cache(maxsize=8)
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
+    """HTK mel triangles [n_fft // 2 + 1, n_mels], 0 Hz to Nyquist, peak 1 (no area normalisation)."""
+    mel = torch.linspace(0.0, 2595.0 * math.log10(1.0 + sample_rate / 2 / 700.0), n_mels + 2, dtype=torch.float64)
+    edges = 700.0 * (10 ** (mel / 2595.0) - 1.0)  # [n_mels + 2] Hz
+    freqs = torch.linspace(0.0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)[:, None]
+    left, centre, right = edges[:-2], edges[1:-1], edges[2:]
+    rising = (freqs - left) / (centre - left)
+    falling = (right - freqs) / (right - centre)
+    return torch.minimum(rising, falling).clamp(min=0).float()
+
+
+def log_mel(wave: torch.Tensor, prep: AudioPrep) -> torch.Tensor:
+    """[N] waveform at ``prep.sample_rate`` -> [N // hop_length + 1, n_mels] log(mel power + 1e-6)."""
+    frames, half = wave.numel() // prep.hop_length + 1, prep.n_fft // 2
+    if wave.numel() <= half:  # reflect padding needs more samples than it pads: zero-extend, keep the frame count
+        wave = torch.nn.functional.pad(wave, (0, half + 1 - wave.numel()))
+    spec = torch.stft(
+        wave,
+        prep.n_fft,
+        prep.hop_length,
+        window=torch.hann_window(prep.n_fft, dtype=wave.dtype),
+        center=True,
+        pad_mode="reflect",
+        return_complex=True,
+    )  # [n_fft // 2 + 1, F]
+    mel = spec.abs().square().T @ mel_filterbank(prep.sample_rate, prep.n_fft, prep.n_mels)
+    return torch.log(mel[:frames] + LOG_EPS)
+
+
+class AudioProcessor:
+    """Decode audio files and turn waveforms into log-mel features [F, n_mels], at most ``max_seconds`` long."""
+
+    def __init__(self, prep: AudioPrep) -> None:
+        self.prep = prep
+        self.max_samples = int(prep.max_seconds * prep.sample_rate)
+
+    def load(self, src: Source) -> torch.Tensor:
+        """Decode WAV/FLAC/OGG (path or bytes), average the channels, resample -> FloatTensor[N]."""
+        try:
+            data, rate = sf.read(as_file(src), dtype="float32", always_2d=True)  # [N, channels]
+        except (sf.SoundFileError, RuntimeError) as exc:
+            raise ValueError(f"cannot decode audio {describe(src)}: {exc}") from exc
+        if data.shape[0] == 0:
+            raise ValueError(f"audio {describe(src)} has no samples")
+        return resample(torch.from_numpy(data).mean(dim=1), rate, self.prep.sample_rate)
+
+    def __call__(self, wave: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Crop to ``max_seconds`` (random window at train, the start at eval), random gain at train, log-mel."""
+        start = 0
+        if train and wave.numel() > self.max_samples:
+            start = int(torch.randint(wave.numel() - self.max_samples + 1, (), generator=generator))
+        wave = wave[start : start + self.max_samples]
+        if train:
+            gain_db = MAX_GAIN_DB * (2 * torch.rand((), generator=generator).item() - 1)
+            wave = wave * 10 ** (gain_db / 20)
+        return log_mel(wave, self.prep)

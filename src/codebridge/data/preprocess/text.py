@@ -1,0 +1,110 @@
+"""Byte-level BPE tokenizer (HuggingFace ``tokenizers``) trained offline on the run's captions.
+
+Byte-level pre-tokenization means any unicode text encodes without unknown tokens. The normaliser (NFKC,
+optional lowercase, whitespace runs collapsed to one space, edges stripped) is part of ``tokenizer.json``,
+and so are the CLIP-style template (``<sot> text <eot>``), the truncation that keeps ``<eot>`` and the padding
+with id 0, so the saved file alone reproduces ``encode`` exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from codebridge.config import ConfigError, TextPrep, from_dict, to_dict
+
+PAD, SOT, EOT, UNK = "<pad>", "<sot>", "<eot>", "<unk>"
+SPECIAL_TOKENS = (PAD, SOT, EOT, UNK)  # ids 0, 1, 2, 3: the trainer numbers them first, in this order
+TOKENIZER_FILE = "tokenizer.json"
+SETTINGS_FILE = "tokenizer_settings.json"
+
+
+def _normalizer(lowercase: bool) -> normalizers.Normalizer:
+    steps = [normalizers.NFKC(), *([normalizers.Lowercase()] if lowercase else [])]
+    return normalizers.Sequence([*steps, normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
+
+
+class Tokenizer:
+    """Text -> (ids [B,L], mask [B,L]) with L = ``prep.context_length``; see ``train`` and ``load``."""
+
+    def __init__(self, tokenizer: HFTokenizer, prep: TextPrep) -> None:
+        if prep.context_length < 2:
+            raise ConfigError(f"prep.text.context_length={prep.context_length}: needs at least 2 (<sot> and <eot>)")
+        self._tok = tokenizer
+        self.prep = prep
+        sot, eot = tokenizer.token_to_id(SOT), tokenizer.token_to_id(EOT)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{SOT} $A {EOT}", special_tokens=[(SOT, sot), (EOT, eot)]
+        )
+        tokenizer.enable_truncation(prep.context_length)
+        tokenizer.enable_padding(pad_id=0, pad_token=PAD, length=prep.context_length)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], prep: TextPrep) -> Tokenizer:
+        """Learn a BPE vocabulary of at most ``prep.vocab_size`` tokens (256 bytes + 4 specials at least)."""
+        tok = HFTokenizer(models.BPE(unk_token=UNK))
+        tok.normalizer = _normalizer(prep.lowercase)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=prep.vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok, prep)
+
+    @property
+    def vocab_size(self) -> int:
+        """The real vocabulary size (may be below ``prep.vocab_size`` on a small corpus)."""
+        return self._tok.get_vocab_size()
+
+    def normalize(self, text: str) -> str:
+        """The text as the tokenizer sees it; ``decode(encode([t]))`` gives this back when it fits."""
+        return self._tok.normalizer.normalize_str(text)
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """<sot> tokens <eot>, truncated (keeping <eot>) and right-padded with 0 -> ids, mask (True on real)."""
+        encodings = self._tok.encode_batch(texts)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long).view(len(texts), self.prep.context_length)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool).view_as(ids)
+        return ids, mask
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Ids of one text back to text, special tokens and padding dropped."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token(self, id: int) -> str:
+        """Readable text of one token (e.g. " dog", or "<eot>"); a byte of a multi-byte character shows as U+FFFD."""
+        if not 0 <= id < self.vocab_size:
+            raise ValueError(f"token id {id} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self._tok.decode([id], skip_special_tokens=False)
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``tokenizer.json`` (complete HF tokenizer) and ``tokenizer_settings.json`` (the TextPrep)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(directory / TOKENIZER_FILE))
+        (directory / SETTINGS_FILE).write_text(json.dumps(to_dict(self.prep), indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        directory = Path(directory)
+        for name in (TOKENIZER_FILE, SETTINGS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(
+                    f"{directory / name} is missing; a tokenizer folder is written by Tokenizer.save"
+                )
+        try:
+            prep = from_dict(TextPrep, json.loads((directory / SETTINGS_FILE).read_text()))
+        except (ConfigError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{directory / SETTINGS_FILE}: {exc}") from None
+        return cls(HFTokenizer.from_file(str(directory / TOKENIZER_FILE)), prep)
