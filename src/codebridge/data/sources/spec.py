@@ -1,0 +1,122 @@
+"""What a data spec names, and the one way every reader reports an unusable row.
+
+A reader turns a spec into ``Sample``s. A bad row raises ``RowError``; ``Problems`` turns it into a
+``BadSampleError`` naming file and line/key (the default) or, with ``data.skip_bad``, records it so the caller
+can count and log it. ``codebridge data check`` reuses the same records to list every problem at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from codebridge.config import ConfigError, DataConfig
+from codebridge.data.sample import BadSampleError, Sample
+from codebridge.registry import Registry
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = (
+    "a built-in suite NAME[:train|:test] ({suites}), a .csv/.tsv file, a .jsonl file, a .tar shard, "
+    "a folder of .tar shards, or a brace pattern such as dir/shard-{{00000..00009}}.tar"
+)
+MEDIA = ("image", "audio", "video")  # the modalities stored as files
+SKIP_HINT = "or skip and count such samples with --set data.skip_bad=true"
+
+
+class RowError(ValueError):
+    """One row (or shard member group) is unusable. ``kind`` groups it in reports; ``reason`` says how to fix it."""
+
+    def __init__(self, kind: str, reason: str, modality: str = "") -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.modality = modality
+
+
+@dataclass(frozen=True)
+class Problem:
+    source: str  # "train.csv:12", "shard-00003.tar:abc"
+    kind: str  # "missing media file", "empty caption", ...
+    reason: str
+    modality: str = ""  # "" when the row as a whole is bad
+
+
+class Problems:
+    """Bad rows met while reading: raised at once, or (``skip``) collected for counting and logging."""
+
+    def __init__(self, skip: bool) -> None:
+        self.skip = skip
+        self.found: list[Problem] = []
+
+    def add(self, source: str, error: RowError) -> None:
+        if not self.skip:
+            raise BadSampleError(source, f"{error.reason}, {SKIP_HINT}") from error
+        self.found.append(Problem(source, error.kind, error.reason, error.modality))
+
+    def log(self, spec: str, first: int = 3) -> None:
+        """Never skip silently: one warning with the count, the count per kind and the first few reasons."""
+        if not self.found:
+            return
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in Counter(p.kind for p in self.found).most_common())
+        examples = "; ".join(f"{p.source}: {p.reason}" for p in self.found[:first])
+        log.warning("%s: skipped %d bad sample(s) (%s); first: %s", spec, len(self.found), kinds, examples)
+
+
+Reader = Callable[[str, DataConfig, Problems], list[Sample]]
+SOURCES: Registry[Reader] = Registry("data source")
+
+
+def source_kind(spec: str) -> str:
+    """The reader a spec needs: "csv", "jsonl", "webdataset" or "builtin"; a ``ConfigError`` listing the choices."""
+    lower = spec.lower()
+    if lower.endswith((".csv", ".tsv")):
+        return "csv"
+    if lower.endswith(".jsonl"):
+        return "jsonl"
+    if lower.endswith(".tar") or Path(spec).is_dir():
+        return "webdataset"
+    from codebridge.data.emoji.suites import SUITES
+
+    if spec.partition(":")[0] in SUITES:
+        return "builtin"
+    raise ConfigError(f"unknown data spec {spec!r}; expected {ACCEPTED.format(suites=', '.join(SUITES))}")
+
+
+def existing_file(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {spec} does not exist")
+    return path
+
+
+def media_path(value: str, folder: Path, modality: str) -> str:
+    """A media reference resolved against the folder of the file naming it; ``RowError`` if it is missing."""
+    path = folder / Path(value).expanduser()
+    if not path.is_file():
+        raise RowError(
+            "missing media file",
+            f"{modality} file {path} does not exist (relative paths resolve against {folder}); fix the path",
+            modality,
+        )
+    return str(path)
+
+
+def clean_texts(texts: list[str]) -> list[str]:
+    """Captions stripped of surrounding white space; an empty one is a ``RowError``."""
+    cleaned = [t.strip() for t in texts]
+    if not cleaned or not all(cleaned):
+        raise RowError("empty caption", "empty caption; write a caption or remove the row", "text")
+    return cleaned
+
+
+def parse_labels(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items()
+    ):
+        raise RowError("malformed row", f"labels must map names to integers, e.g. {{'group': 3}}; got {value!r}")
+    return dict(value)

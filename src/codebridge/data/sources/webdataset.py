@@ -1,0 +1,193 @@
+"""WebDataset tar shards: the members of one sample share a basename key (``abc.png``, ``abc.txt``, ``abc.json``).
+
+Reading and writing live together so the two sides of the format cannot drift apart:
+- ``abc.jpg|jpeg|png|webp`` image, ``abc.wav|flac|ogg|mp3`` audio, ``abc.mp4|avi|webm|mkv|mov`` video, kept as the
+  encoded bytes (``MediaBytes``, which remembers its extension so a shard can be rewritten unchanged);
+- ``abc.txt`` captions, one per line;
+- ``abc.json`` an object with optional ``key``, ``labels`` ({name: int}), ``meta`` and ``texts`` (captions; wins over
+  ``abc.txt``, needed for captions holding a line break); other keys (img2dataset's ``url``...) land in ``meta``.
+Other members are ignored. The key is the member name up to the first dot of its basename (webdataset's rule).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
+
+from codebridge.config import DataConfig
+from codebridge.data.sample import BadSampleError, Sample
+from codebridge.data.sources.spec import SOURCES, Problems, RowError, clean_texts, parse_labels
+
+EXTENSIONS = {
+    "image": ("jpg", "jpeg", "png", "webp"),
+    "audio": ("wav", "flac", "ogg", "mp3"),
+    "video": ("mp4", "avi", "webm", "mkv", "mov"),
+}
+MODALITY_OF = {ext: modality for modality, exts in EXTENSIONS.items() for ext in exts}
+Members = dict[str, bytes]  # extension -> member bytes
+
+
+class MediaBytes(bytes):
+    """Encoded media file bytes that remember their file extension (``png``, ``wav``...)."""
+
+    ext: str
+
+    def __new__(cls, data: bytes, ext: str) -> MediaBytes:
+        media = super().__new__(cls, data)
+        media.ext = ext
+        return media
+
+    def __reduce__(self) -> tuple[type[MediaBytes], tuple[bytes, str]]:  # DataLoader workers pickle samples
+        return MediaBytes, (bytes(self), self.ext)
+
+
+def shard_paths(spec: str) -> list[Path]:
+    """The shards a spec names: a folder's ``*.tar`` files, one ``.tar`` or a brace pattern (``::`` joins lists)."""
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        shards = sorted(folder.glob("*.tar"))
+        if not shards:
+            raise FileNotFoundError(f"{spec}: the folder holds no .tar shards")
+        return shards
+    shards = [Path(p).expanduser() for p in expand_urls(spec)]
+    missing = [p for p in shards if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shard(s) of {spec} do not exist, e.g. {missing[0]}")
+    return shards
+
+
+def read_members(path: Path) -> tuple[list[tuple[str, Members]], str | None]:
+    """Member groups of one shard in order, and why reading stopped early (None when the shard is whole).
+
+    A truncated shard may end inside a sample, so the group being read when the damage shows is dropped.
+    """
+    groups: list[tuple[str, Members]] = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+                if key is None:
+                    continue
+                if not groups or groups[-1][0] != key:
+                    groups.append((key, {}))
+                groups[-1][1][ext.lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
+            end = tar.offset
+        if path.stat().st_size - end < tarfile.BLOCKSIZE:
+            raise tarfile.ReadError("the file ends without the end-of-archive marker")
+    except tarfile.ReadError as exc:
+        return groups[:-1], str(exc)
+    return groups, None
+
+
+def parse_info(raw: bytes) -> dict[str, Any]:
+    """The ``abc.json`` member: key/labels/meta/texts, with any other key folded into meta."""
+    try:
+        info = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RowError("malformed row", f"the .json member is not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise RowError("malformed row", f"the .json member must hold an object, got {type(info).__name__}")
+    fields: dict[str, Any] = {}
+    if "key" in info:
+        fields["key"] = str(info.pop("key"))
+    if "labels" in info:
+        fields["labels"] = parse_labels(info.pop("labels"))
+    meta = info.pop("meta", {})
+    if not isinstance(meta, dict):
+        raise RowError("malformed row", f"meta in the .json member must be an object, got {meta!r}")
+    if "texts" in info:
+        texts = info.pop("texts")
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise RowError("malformed row", f"texts in the .json member must be a list of strings, got {texts!r}")
+        fields["texts"] = clean_texts(texts)
+    fields["meta"] = {**info, **meta}
+    return fields
+
+
+def to_sample(source: str, key: str, members: Members) -> Sample:
+    sample = Sample(key=key, source=source)
+    for ext, data in members.items():
+        modality = MODALITY_OF.get(ext)
+        if modality is None:
+            continue
+        if getattr(sample, modality) is not None:
+            raise RowError("malformed row", f"two {modality} members for one key; keep one", modality)
+        setattr(sample, modality, MediaBytes(data, ext))
+    if "txt" in members:
+        try:
+            lines = members["txt"].decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            raise RowError("malformed row", "the .txt member is not UTF-8 text", "text") from None
+        sample.texts = clean_texts([line for line in lines if line.strip()])
+    if "json" in members:
+        for name, value in parse_info(members["json"]).items():
+            setattr(sample, name, value)
+    if not any(sample.has(m) for m in ("image", "text", "audio", "video")):
+        raise RowError("malformed row", f"no media or caption member; expected e.g. {key}.png and {key}.txt")
+    return sample
+
+
+@SOURCES.register("webdataset")
+def read_shards(spec: str, data: DataConfig, problems: Problems) -> list[Sample]:
+    samples = []
+    for path in shard_paths(spec):
+        groups, damage = read_members(path)
+        seen: set[str] = set()
+        for key, members in groups:
+            source = f"{path}:{key}"
+            try:
+                if key in seen:
+                    raise RowError("malformed row", "the key appears twice; the members of a sample must be adjacent")
+                seen.add(key)
+                samples.append(to_sample(source, key, members))
+            except RowError as error:
+                problems.add(source, error)
+        if damage is not None:
+            last = f"after key {groups[-1][0]!r}" if groups else "before the first complete sample"
+            problems.add(
+                str(path),
+                RowError(
+                    "corrupt shard",
+                    f"truncated or corrupt tar ({damage}) {last}; re-download or re-create it "
+                    "(codebridge data shard SOURCE OUT)",
+                ),
+            )
+    return samples
+
+
+def media_member(sample: Sample, modality: str) -> tuple[str, bytes]:
+    """(extension, bytes) of a sample's media file, as a shard stores it."""
+    value = getattr(sample, modality)
+    if isinstance(value, MediaBytes):
+        return value.ext, bytes(value)
+    if isinstance(value, bytes):
+        raise BadSampleError(sample.source, f"{modality} bytes without a file extension cannot be stored in a shard")
+    ext = Path(value).suffix.lstrip(".").lower()
+    if ext not in EXTENSIONS[modality]:
+        raise BadSampleError(
+            sample.source,
+            f"{modality} file {value}: extension {ext!r} cannot be stored in a shard; "
+            f"convert it to one of {', '.join(EXTENSIONS[modality])}",
+        )
+    return ext, Path(value).read_bytes()
+
+
+def to_record(sample: Sample, member_key: str) -> dict[str, bytes | str]:
+    """A sample as a ``webdataset.ShardWriter`` record: media bytes, captions, and key/labels/meta in the json."""
+    record: dict[str, bytes | str] = {"__key__": member_key}
+    for modality in EXTENSIONS:
+        if getattr(sample, modality) is not None:
+            ext, data = media_member(sample, modality)
+            record[ext] = data
+    info: dict[str, Any] = {"key": sample.key, "labels": sample.labels, "meta": sample.meta}
+    if sample.texts:
+        record["txt"] = "\n".join(sample.texts).encode("utf-8")
+        if any("\n" in t for t in sample.texts):
+            info["texts"] = sample.texts
+    record["json"] = json.dumps(info, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return record

@@ -1,0 +1,298 @@
+"""Data sources: CSV/TSV, JSONL, WebDataset shards and built-in suites as ``Sample`` lists, and their bad input.
+
+The helpers at the top make real media files and are shared with test_shard.py and test_check.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pickle
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from codebridge.config import ConfigError, DataConfig
+from codebridge.data.sample import BadSampleError
+from codebridge.data.sources import open_source
+from codebridge.data.sources.webdataset import MediaBytes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real media files and small datasets
+# ---------------------------------------------------------------------------------------------------------------
+def make_image(path: Path, color: tuple[int, int, int] = (255, 0, 0)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), color).save(path)
+    return path
+
+
+def make_audio(path: Path, freq: float = 440.0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(1600, dtype=np.float32) / 16000
+    sf.write(path, 0.5 * np.sin(2 * np.pi * freq * t), 16000)
+    return path
+
+
+def make_video(path: Path, frames: int = 4, size: int = 16) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 40 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def truncate(path: Path, size: int) -> Path:
+    path.write_bytes(path.read_bytes()[:size])
+    return path
+
+
+def write_table(path: Path, rows: list[list[str]], separator: str = ",") -> Path:
+    path.write_text("\n".join(separator.join(row) for row in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_media(folder: Path) -> Path:
+    """``folder`` with images/{red,blue,green}.png, audio/{low,high}.wav and video/clip.mp4."""
+    make_image(folder / "images/red.png", (255, 0, 0))
+    make_image(folder / "images/blue.png", (0, 0, 255))
+    make_image(folder / "images/green.png", (0, 255, 0))
+    make_audio(folder / "audio/low.wav", 220.0)
+    make_audio(folder / "audio/high.wav", 880.0)
+    make_video(folder / "video/clip.mp4")
+    return folder
+
+
+@pytest.fixture
+def media(tmp_path: Path) -> Path:
+    return make_media(tmp_path)
+
+
+COCO_ROWS = [
+    ["filepath", "title", "label:group"],
+    ["images/red.png", "a red square", "0"],
+    ["images/red.png", "red", "0"],
+    ["images/blue.png", "a blue square", "1"],
+    ["images/red.png", "crimson block", "0"],
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CSV / TSV
+# ---------------------------------------------------------------------------------------------------------------
+def test_csv_groups_captions_of_the_same_media(media: Path) -> None:
+    spec = str(write_table(media / "train.csv", COCO_ROWS))
+    red, blue = open_source(spec, DataConfig())
+    assert red.texts == ["a red square", "red", "crimson block"]
+    assert blue.texts == ["a blue square"]
+    assert (red.labels, blue.labels) == ({"group": 0}, {"group": 1})
+    assert Path(red.image).read_bytes() == (media / "images/red.png").read_bytes()
+    assert red.source == f"{spec}:2" and blue.source == f"{spec}:4"
+    assert red.key == "images/red.png" and red.audio is None and red.video is None
+
+
+def test_tsv_by_extension_and_separator_from_config(media: Path) -> None:
+    rows = [r[:2] for r in COCO_ROWS]
+    tsv = open_source(str(write_table(media / "data.tsv", rows, "\t")), DataConfig())
+    semicolon = open_source(str(write_table(media / "data.csv", rows, ";")), DataConfig(csv_separator=";"))
+    assert [s.texts for s in tsv] == [["a red square", "red", "crimson block"], ["a blue square"]]
+    assert [s.texts for s in semicolon] == [s.texts for s in tsv]
+
+
+def test_csv_audio_and_video_columns_and_custom_names(media: Path) -> None:
+    rows = [
+        ["img", "caption", "speech", "clip"],
+        ["images/red.png", "red, spoken", "audio/low.wav", ""],
+        ["", "a moving clip", "", "video/clip.mp4"],
+    ]
+    data = DataConfig(csv_image_key="img", csv_caption_key="caption", csv_audio_key="speech", csv_video_key="clip")
+    spoken, clip = open_source(str(write_table(media / "av.csv", [*rows[:1], *(_quote(r) for r in rows[1:])])), data)
+    assert spoken.has("image") and spoken.has("audio") and not spoken.has("video")
+    assert spoken.texts == ["red, spoken"]
+    assert clip.video == str(media / "video/clip.mp4") and clip.image is None
+
+
+def _quote(row: list[str]) -> list[str]:
+    return [f'"{cell}"' if "," in cell else cell for cell in row]
+
+
+def test_csv_with_wrong_columns_lists_expected_and_found(media: Path) -> None:
+    path = write_table(media / "wrong.csv", [["image", "caption"], ["images/red.png", "red"]])
+    with pytest.raises(ConfigError) as info:
+        open_source(str(path), DataConfig())
+    message = str(info.value)
+    assert str(path) in message and "'filepath'" in message and "'title'" in message
+    assert "found 'image', 'caption'" in message and "--set data.csv_image_key=" in message
+
+
+@pytest.mark.parametrize(
+    ("row", "line", "expected"),
+    [
+        (["images/missing.png", "gone"], 3, "images/missing.png does not exist"),
+        (["images/blue.png", "   "], 3, "empty caption"),
+        (["images/blue.png", "blue", "extra"], 3, "expected 2 fields, found 3"),
+        (["", "no media"], 3, "no media path"),
+    ],
+)
+def test_csv_bad_rows_name_file_and_line(media: Path, row: list[str], line: int, expected: str) -> None:
+    path = write_table(media / "bad.csv", [["filepath", "title"], ["images/red.png", "red"], row])
+    with pytest.raises(BadSampleError) as info:
+        open_source(str(path), DataConfig())
+    assert info.value.source == f"{path}:{line}"
+    assert expected in str(info.value) and "data.skip_bad=true" in str(info.value)
+
+
+def test_skip_bad_skips_counts_and_logs(media: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [["filepath", "title"], ["images/red.png", "red"], ["images/nope.png", "x"], ["images/blue.png", ""]]
+    path = write_table(media / "bad.csv", rows)
+    with caplog.at_level(logging.WARNING):
+        samples = open_source(str(path), DataConfig(skip_bad=True))
+    assert [s.texts for s in samples] == [["red"]]
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "skipped 2 bad sample(s)" in record.message
+    assert "missing media file: 1" in record.message and "empty caption: 1" in record.message
+    assert f"{path}:3" in record.message and f"{path}:4" in record.message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSONL
+# ---------------------------------------------------------------------------------------------------------------
+def test_jsonl_fields(media: Path) -> None:
+    rows = [
+        {"image": "images/red.png", "text": ["red", " a red square "], "labels": {"group": 2}, "meta": {"n": 1}},
+        {"key": "spoken", "audio": "audio/low.wav", "text": "low tone"},
+        "",
+        {"video": str(media / "video/clip.mp4")},
+    ]
+    spec = str(write_jsonl(media / "data.jsonl", rows))
+    first, spoken, clip = open_source(spec, DataConfig())
+    assert first.texts == ["red", "a red square"] and first.labels == {"group": 2} and first.meta == {"n": 1}
+    assert first.key == "data-1" and first.source == f"{spec}:1" and first.image == str(media / "images/red.png")
+    assert spoken.key == "spoken" and spoken.texts == ["low tone"] and spoken.audio == str(media / "audio/low.wav")
+    assert clip.source == f"{spec}:4" and clip.texts == [] and clip.video == str(media / "video/clip.mp4")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('{"image": "images/red.png", "text": "red"', "not valid JSON"),
+        ('{"image": "images/red.png", "caption": "red"}', "unknown key(s) caption"),
+        ('{"image": "images/red.png", "text": ["red", ""]}', "empty caption"),
+        ('{"image": "images/none.png", "text": "red"}', "images/none.png does not exist"),
+        ('{"image": "images/red.png", "labels": {"group": "two"}}', "labels must map names to integers"),
+        ('{"meta": {"a": 1}}', "no modality"),
+    ],
+)
+def test_jsonl_bad_lines_name_file_and_line(media: Path, line: str, expected: str) -> None:
+    path = write_jsonl(media / "bad.jsonl", [{"image": "images/red.png", "text": "ok"}, line])
+    with pytest.raises(BadSampleError) as info:
+        open_source(str(path), DataConfig())
+    assert info.value.source == f"{path}:2" and expected in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WebDataset shards
+# ---------------------------------------------------------------------------------------------------------------
+def user_shards(folder: Path, media: Path) -> list[Path]:
+    """Two img2dataset-style shards: jpg-less png/txt/json members, one audio-only sample, an ignored member."""
+    red, blue = (media / "images/red.png").read_bytes(), (media / "images/blue.png").read_bytes()
+    folder.mkdir()
+    first = write_tar(
+        folder / "shard-00000.tar",
+        [
+            ("abc.png", red),
+            ("abc.txt", b"a red square\nred\n"),
+            ("abc.json", json.dumps({"url": "http://x/red.png", "labels": {"group": 0}}).encode()),
+            ("abc.parquet", b"ignored"),
+            ("def.wav", (media / "audio/low.wav").read_bytes()),
+        ],
+    )
+    second = write_tar(folder / "shard-00001.tar", [("ghi.png", blue), ("ghi.txt", b"blue")])
+    return [first, second]
+
+
+def test_shards_group_members_by_key(media: Path) -> None:
+    first, second = user_shards(media / "shards", media)
+    abc, tone, ghi = open_source(str(media / "shards"), DataConfig())
+    assert abc.key == "abc" and abc.source == f"{first}:abc" and ghi.source == f"{second}:ghi"
+    assert abc.image == (media / "images/red.png").read_bytes() and isinstance(abc.image, MediaBytes)
+    assert abc.image.ext == "png" and abc.texts == ["a red square", "red"]
+    assert abc.labels == {"group": 0} and abc.meta == {"url": "http://x/red.png"}
+    assert tone.audio == (media / "audio/low.wav").read_bytes() and tone.texts == [] and tone.image is None
+    brace = open_source(str(media / "shards/shard-{00000..00001}.tar"), DataConfig())
+    assert brace == [abc, tone, ghi]
+    assert open_source(str(second), DataConfig()) == [ghi]
+
+
+def test_media_bytes_survive_pickling() -> None:
+    media = pickle.loads(pickle.dumps(MediaBytes(b"\x89PNG", "png")))
+    assert media == b"\x89PNG" and media.ext == "png"
+
+
+@pytest.mark.parametrize("cut", [3000, 1024 * 3])  # inside a member; exactly at a member boundary
+def test_truncated_shard_names_shard_and_last_good_key(media: Path, cut: int) -> None:
+    members = [(f"{i:03d}.txt", f"caption {i}".encode()) for i in range(6)]
+    path = truncate(write_tar(media / "shard-00000.tar", members), cut)
+    with pytest.raises(BadSampleError) as info:
+        open_source(str(path), DataConfig())
+    message = str(info.value)
+    assert str(path) in message and "truncated or corrupt" in message and "re-create" in message
+    samples = open_source(str(path), DataConfig(skip_bad=True))
+    assert samples and f"after key {samples[-1].key!r}" in message
+    assert [s.texts for s in samples] == [[f"caption {i}"] for i in range(len(samples))]
+
+
+def test_bad_shard_member_names_shard_and_key(media: Path) -> None:
+    path = write_tar(media / "s.tar", [("ok.txt", b"fine"), ("bad.txt", b"  \n"), ("bad.png", b"x")])
+    with pytest.raises(BadSampleError) as info:
+        open_source(str(path), DataConfig())
+    assert info.value.source == f"{path}:bad" and "empty caption" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dispatch and built-in suites
+# ---------------------------------------------------------------------------------------------------------------
+def test_unknown_spec_lists_what_is_accepted(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown data spec 'emoji-styles'.*emoji-style.*\.csv/\.tsv.*\.jsonl"):
+        open_source("emoji-styles", DataConfig())
+    with pytest.raises(FileNotFoundError, match=r"missing\.csv"):
+        open_source(str(tmp_path / "missing.csv"), DataConfig())
+    with pytest.raises(FileNotFoundError, match=r"no \.tar shards"):
+        open_source(str(tmp_path), DataConfig())
+    with pytest.raises(FileNotFoundError, match=r"2 of 2 shard\(s\)"):
+        open_source(str(tmp_path / "s-{0..1}.tar"), DataConfig())
+
+
+def test_builtin_suite_is_delegated(emoji_root: Path) -> None:
+    from codebridge.data.emoji.suites import load_suite
+
+    samples = open_source("emoji-style:test", DataConfig(root=str(emoji_root)))
+    assert samples and samples == load_suite("emoji-style", "test", emoji_root)
+    assert open_source("emoji-clips", DataConfig(root=str(emoji_root))) == load_suite(
+        "emoji-clips", "train", emoji_root
+    )
