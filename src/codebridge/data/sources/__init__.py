@@ -7,7 +7,7 @@ from codebridge.data.sample import Sample
 from codebridge.data.sources import builtin, csv, jsonl, webdataset  # noqa: F401  (register the readers)
 from codebridge.data.sources.spec import SOURCES, Problem, Problems, source_kind
 
-__all__ = ["SOURCES", "Problem", "Problems", "open_source", "read_source"]
+__all__ = ["SOURCES", "Problem", "Problems", "open_source", "read_source", "source_kind"]
 
 
 def read_source(spec: str, data: DataConfig, problems: Problems) -> list[Sample]:
