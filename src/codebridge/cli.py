@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from codebridge.config import ConfigError, load_config
+from codebridge.data.sample import BadSampleError
 
 EPILOG = """\
 typical session:
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, BadSampleError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

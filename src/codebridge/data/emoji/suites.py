@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from codebridge.config import ConfigError
 from codebridge.data.emoji.clips import MOTIONS
 from codebridge.data.emoji.concepts import STYLES
 from codebridge.data.emoji.manifest import MANIFEST, VERSION
@@ -175,9 +176,9 @@ _LOADERS: dict[str, Callable[[EmojiData, str, str], list[Sample]]] = {
 def load_suite(name: str, split: str = "train", root: str | Path | None = None) -> list[Sample]:
     """Samples of a built-in suite; ``root`` is the dataset folder or the codebridge home holding ``emoji/``."""
     if name not in _LOADERS:
-        raise ValueError(f"unknown emoji suite {name!r}; choose one of {', '.join(SUITES)}")
+        raise ConfigError(f"unknown emoji suite {name!r}; choose one of {', '.join(SUITES)}")
     if split not in SPLITS:
-        raise ValueError(f"{name}: unknown split {split!r}; choose train or test (e.g. {name}:test)")
+        raise ConfigError(f"{name}: unknown split {split!r}; choose train or test (e.g. {name}:test)")
     return _LOADERS[name](EmojiData.open(root), name, split)
 
 
@@ -186,7 +187,7 @@ def class_names(label: str, root: str | Path | None = None) -> list[str]:
     if label == "motion":
         return list(MOTIONS)
     if label not in LABELS:
-        raise ValueError(f"unknown emoji label {label!r}; choose one of {', '.join(LABELS)}")
+        raise ConfigError(f"unknown emoji label {label!r}; choose one of {', '.join(LABELS)}")
     concepts = EmojiData.open(root).concepts.values()
     if label == "concept":
         pairs = {(row["id"], row["name"]) for row in concepts}
