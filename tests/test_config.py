@@ -73,3 +73,10 @@ def test_inherit_cycle_is_an_error(tmp_path):
     (tmp_path / "b.yaml").write_text("inherit: a.yaml\n")
     with pytest.raises(ConfigError, match="inherit cycle"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_packaged_recipe_by_name():
+    cfg = load_config("emoji-fdt")
+    assert cfg.model.bridge.name == "fdt"
+    with pytest.raises(ConfigError, match="emoji-clip"):
+        load_config("emoji-nope")

@@ -23,7 +23,9 @@ shards (dir/shard-{00000..00009}.tar).
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--config", required=required, help="YAML recipe (see configs/); defaults if omitted")
+    p.add_argument(
+        "--config", required=required, help="YAML file or packaged recipe name (e.g. emoji-fdt; see configs/)"
+    )
     p.add_argument(
         "--set",
         dest="overrides",

@@ -361,7 +361,9 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe; ``inherit: other.yaml`` (relative to this file) is loaded first and overridden by this file."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; the recipes live in configs/")
+        raise ConfigError(
+            f"config file {path} does not exist; give a YAML file or a recipe name: {', '.join(recipe_names())}"
+        )
     if path.resolve() in seen:
         raise ConfigError(f"{path}: inherit cycle through {', '.join(str(p) for p in seen)}")
     try:
@@ -378,11 +380,27 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _deep_merge(read_yaml(path.parent / parent, (*seen, path.resolve())), data)
 
 
+RECIPES = Path(__file__).parent / "configs"
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A YAML file, or the name of a recipe shipped with the package (``emoji-fdt`` -> configs/emoji-fdt.yaml)."""
+    path = Path(path)
+    packaged = RECIPES / f"{path.name.removesuffix('.yaml')}.yaml"
+    if not path.is_file() and path.parent == Path(".") and packaged.is_file():
+        return packaged
+    return path
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml") if not p.stem.endswith("base"))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply overrides, validate everything."""
+    """Load a YAML config or packaged recipe name (or the defaults), apply overrides, validate everything."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_recipe(path)
         data = read_yaml(path)
     data = apply_overrides(data, overrides or [])
     try:
