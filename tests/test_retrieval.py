@@ -1,13 +1,22 @@
-"""Chunked retrieval metrics against a plain full-matrix reference (argsort per query)."""
+"""Chunked retrieval metrics against a plain full-matrix reference, and the retrieval task end to end.
+
+``tiny_model`` and ``write_jsonl`` are shared with test_zeroshot.py and test_linear_probe.py.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from codebridge.config import Config, ConfigError
+from codebridge.data.dataset import all_texts
+from codebridge.data.preprocess import Preprocessors, Tokenizer
 from codebridge.eval.retrieval import (
     bidirectional_retrieval,
     caption_pairs,
@@ -15,6 +24,37 @@ from codebridge.eval.retrieval import (
     retrieval_metrics,
     retrieval_ranks,
 )
+from codebridge.eval.run import TaskNotAvailable, evaluate, evaluate_model
+from codebridge.models.model import CodeBridgeModel
+
+torch.set_num_threads(1)
+
+
+def tiny_model(modalities: list[str], texts: list[str], root: Path | None = None) -> CodeBridgeModel:
+    """An untrained model small enough to embed a few hundred 16x16 images in a second; ``root``: emoji data."""
+    cfg = Config()
+    cfg.data.root = None if root is None else str(root)
+    cfg.prep.image.size = 16
+    cfg.prep.audio.max_seconds = 0.5
+    cfg.prep.text.vocab_size = 300
+    for enc in (cfg.model.image, cfg.model.text, cfg.model.audio):
+        enc.width, enc.depth, enc.heads = 16, 1, 2
+    cfg.model.image.patch_size = 8
+    cfg.model.bridge.embed_dim = 8
+    cfg.eval.chunk_size = 7  # several chunks even on tiny data
+    torch.manual_seed(0)
+    return CodeBridgeModel(cfg, modalities, Preprocessors(cfg.prep, Tokenizer.train(texts, cfg.prep.text)))
+
+
+def write_jsonl(folder: Path, rows: list[dict]) -> Path:
+    """A JSONL data file; every "image" names a small random PNG that is created next to it."""
+    rng = np.random.default_rng(0)
+    for row in rows:
+        if "image" in row and not (folder / row["image"]).exists():
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / row["image"])
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def reference_ranks(query: torch.Tensor, gallery: torch.Tensor, positives: torch.Tensor) -> list[int]:
@@ -142,3 +182,50 @@ def test_large_retrieval_never_builds_the_full_matrix() -> None:
     largest = max(event.cpu_memory_usage for event in prof.events())
     assert 0 < largest <= 4 * chunk * n  # one float32 score chunk, far below the 1.6 GB full matrix
     assert ranks.float().mean() < n / 20  # still a real retrieval result (chance: n / 2)
+
+
+def test_evaluate_model_merges_duplicate_items(tmp_path: Path) -> None:
+    """Identical images and captions are one gallery item each, linked to every sample that holds them."""
+    rows = [
+        {"image": "a.png", "text": ["red square", "a square in red"]},
+        {"image": "b.png", "text": "blue circle"},
+        {"image": "a.png", "text": "red box"},  # the image of row 0 again
+        {"image": "c.png", "text": "blue circle"},  # the caption of row 1 again
+    ]
+    path = write_jsonl(tmp_path, rows)
+    texts = ["red square", "a square in red", "blue circle", "red box"]
+    model = tiny_model(["image", "text"], texts)
+    got = evaluate_model(model, str(path), "retrieval", batch_size=2)
+
+    images = model.encode("image", [str(tmp_path / f) for f in ("a.png", "b.png", "c.png")])
+    captions = model.encode("text", texts)
+    pairs = torch.tensor([[0, 0], [0, 1], [1, 2], [0, 3], [2, 2]])  # (image a|b|c, caption)
+    assert got == pytest.approx(bidirectional_retrieval(images, captions, pairs, ("image", "text")))
+    assert (got["image_to_text_n_queries"], got["image_to_text_n_gallery"]) == (3, 4)
+
+
+def test_evaluate_every_modality_pair_from_a_model_folder(emoji_root: Path, tmp_path: Path) -> None:
+    from codebridge.data.emoji.suites import load_suite
+
+    samples = load_suite("emoji-trimodal", "test", emoji_root)
+    tiny_model(["image", "text", "audio"], all_texts(samples), emoji_root).save(tmp_path / "model")
+    metrics = evaluate(tmp_path / "model", "emoji-trimodal:test", "retrieval", batch_size=32)
+    directions = {key.rsplit("_R@1", 1)[0] for key in metrics if key.endswith("_R@1")}
+    assert directions == {
+        f"{a}_to_{b}" for a in ("image", "text", "audio") for b in ("image", "text", "audio") if a != b
+    }
+    n_images = len({s.image for s in samples})
+    assert metrics["audio_to_image_n_queries"] == len(samples) > n_images == metrics["audio_to_image_n_gallery"]
+    assert all(0 <= metrics[f"{d}_R@1"] <= metrics[f"{d}_R@5"] <= metrics[f"{d}_R@10"] <= 1 for d in directions)
+    assert all(1 <= metrics[f"{d}_median_rank"] <= metrics[f"{d}_n_gallery"] for d in directions)
+
+
+def test_evaluate_errors_are_clear(tmp_path: Path) -> None:
+    model = tiny_model(["image", "text"], ["red square"])
+    with pytest.raises(TaskNotAvailable, match="codes task is not implemented yet"):
+        evaluate_model(model, "never-read.jsonl", "codes")
+    with pytest.raises(ConfigError, match="unknown eval task 'ranking'"):
+        evaluate_model(model, "never-read.jsonl", "ranking")
+    path = write_jsonl(tmp_path, [{"image": "a.png"}, {"image": "b.png"}])
+    with pytest.raises(ConfigError, match=r"retrieval needs two modalities.*found image"):
+        evaluate_model(model, str(path), "retrieval")

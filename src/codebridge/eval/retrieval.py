@@ -82,7 +82,7 @@ def rank_metrics(ranks: Tensor, prefix: str, ks: tuple[int, ...] = KS) -> dict[s
     """``{prefix}_R@k`` (fraction of queries with rank <= k), ``{prefix}_median_rank``, ``{prefix}_mean_rank``."""
     if len(ranks) == 0:
         raise ValueError(f"{prefix}: no queries to rank")
-    metrics = {f"{prefix}_R@{k}": (ranks <= k).float().mean().item() for k in ks}
+    metrics = {f"{prefix}_R@{k}": (ranks <= k).double().mean().item() for k in ks}
     metrics[f"{prefix}_median_rank"] = median_rank(ranks)
     metrics[f"{prefix}_mean_rank"] = ranks.double().mean().item()
     return metrics

@@ -1,0 +1,76 @@
+"""Frozen embeddings of a dataset, with the model's own eval preprocessing.
+
+Retrieval embeds each distinct item once: identical captions, or media with the same path or bytes, are one
+gallery item, and every sample links its items (an image to each of its captions). That is the COCO convention,
+and it keeps duplicated images or captions (two voices reading one label, one caption for two art styles) from
+counting as wrong answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from codebridge.data.dataset import SampleDataset, collate
+from codebridge.data.sample import Sample
+
+if TYPE_CHECKING:
+    from codebridge.models.model import CodeBridgeModel
+
+
+def embed_dataset(
+    model: CodeBridgeModel, samples: list[Sample], modality: str, batch_size: int = 256, num_workers: int = 0
+) -> Tensor:
+    """``[N, E]``: one embedding per sample (text: its first caption), on the model's device.
+
+    A sample that lacks the modality or fails to decode stops with a ``BadSampleError`` naming its source:
+    skipping it would misalign the rows with the other modalities and the labels.
+    """
+    if not samples:
+        raise ValueError(f"no samples to embed for {modality}")
+    dataset = SampleDataset(samples, [modality], model.preprocessors, train=False, cache=False)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    return torch.cat([model.encode(modality, batch[modality], batch_size) for batch in loader])
+
+
+@dataclass
+class Items:
+    """Distinct items of one modality: ``embeddings[r]`` is item r; ``rows[i]`` lists the items of sample i."""
+
+    embeddings: Tensor
+    rows: list[list[int]]
+
+
+def _keys(sample: Sample, modality: str) -> list[Hashable]:
+    """What makes an item distinct: the caption text, or the media path or bytes."""
+    return list(sample.texts) if modality == "text" else [getattr(sample, modality)]
+
+
+def embed_items(
+    model: CodeBridgeModel, samples: list[Sample], modality: str, batch_size: int = 256, num_workers: int = 0
+) -> Items:
+    """Embeddings of the distinct items (for text: every distinct caption of every sample) and who owns them."""
+    index: dict[Hashable, int] = {}
+    firsts: list[Sample] = []  # the first sample holding each item, with that item as its only caption
+    rows = []
+    for sample in samples:
+        own = []
+        for key in _keys(sample, modality):
+            if key not in index:
+                index[key] = len(index)
+                firsts.append(dataclasses.replace(sample, texts=[key]) if modality == "text" else sample)
+            own.append(index[key])
+        rows.append(sorted(set(own)))
+    return Items(embed_dataset(model, firsts, modality, batch_size, num_workers), rows)
+
+
+def matching_pairs(a: Items, b: Items) -> Tensor:
+    """``[P, 2]`` distinct (item of a, item of b) pairs that share a sample: the correct answers of retrieval."""
+    pairs = {(i, j) for rows_a, rows_b in zip(a.rows, b.rows, strict=True) for i in rows_a for j in rows_b}
+    return torch.tensor(sorted(pairs), dtype=torch.long).view(-1, 2)

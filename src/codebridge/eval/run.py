@@ -1,0 +1,202 @@
+"""``codebridge eval``: load a model and a data spec, run one task, return flat OpenCLIP-style metrics.
+
+Tasks: ``retrieval`` (every pair of the model's modalities that all samples have, both directions),
+``zeroshot`` and ``linear-probe`` (labels ``group`` and ``subgroup`` unless one is named; the classified
+modality is the first of image, video, audio that the model and the data have). See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from codebridge.config import ConfigError, DataConfig
+from codebridge.data.sample import Sample
+from codebridge.data.sources import open_source, source_kind
+from codebridge.eval.embed import embed_dataset, embed_items, matching_pairs
+from codebridge.eval.linear_probe import linear_probe
+from codebridge.eval.retrieval import bidirectional_retrieval
+from codebridge.eval.zeroshot import build_classifier, names_from_meta, zeroshot_metrics
+
+if TYPE_CHECKING:
+    from codebridge.models.model import CodeBridgeModel
+
+Metrics = dict[str, float]
+DEFAULT_LABELS = ("group", "subgroup")
+CLASSIFIED = ("image", "video", "audio")  # the modality zero-shot and the probe classify: the first one present
+
+
+class TaskNotAvailable(ConfigError, NotImplementedError):
+    """The task is named by the CLI but not implemented yet."""
+
+
+@dataclass
+class Job:
+    """One evaluation: the model, the data it runs on and the task options."""
+
+    model: CodeBridgeModel
+    spec: str
+    samples: list[Sample]
+    data: DataConfig
+    batch_size: int
+    label: str | None = None
+    train_spec: str | None = None
+
+    def present(self, samples: list[Sample] | None = None) -> list[str]:
+        """The model's modalities that every sample has."""
+        samples = self.samples if samples is None else samples
+        return [m for m in self.model.modalities if all(s.has(m) for s in samples)]
+
+    def classified(self, *others: list[Sample]) -> str:
+        """The modality to classify: the first of image, video, audio in the model and in all the data."""
+        shared = set(self.present()).intersection(*(self.present(s) for s in others))
+        for modality in CLASSIFIED:
+            if modality in shared:
+                return modality
+        raise ConfigError(
+            f"{self.spec}: nothing to classify; the model ({', '.join(self.model.modalities)}) and the data share "
+            f"none of {', '.join(CLASSIFIED)}"
+        )
+
+    def labels(self) -> list[str]:
+        """The label named with --label, else those of group and subgroup the data has."""
+        present = sorted({name for s in self.samples for name, value in s.labels.items() if value >= 0})
+        wanted = [self.label] if self.label else [name for name in DEFAULT_LABELS if name in present]
+        if not wanted or any(name not in present for name in wanted):
+            asked = self.label or " or ".join(DEFAULT_LABELS)
+            raise ConfigError(
+                f"{self.spec}: no sample has the label {asked}; labels present: {', '.join(present) or 'none'}"
+                + ("" if self.label else "; pass --label NAME")
+            )
+        return wanted
+
+    def embed(self, modality: str, samples: list[Sample] | None = None) -> Tensor:
+        samples = self.samples if samples is None else samples
+        return embed_dataset(self.model, samples, modality, self.batch_size, self.data.num_workers)
+
+
+def label_values(samples: list[Sample], label: str) -> Tensor:
+    """``[N]`` label values, -1 where a sample lacks the label."""
+    return torch.tensor([s.labels.get(label, -1) for s in samples], dtype=torch.long)
+
+
+def class_names(job: Job, label: str) -> dict[int, str]:
+    """Built-in suites name their classes; user data names them in each sample's meta (see zeroshot.py)."""
+    if source_kind(job.spec) == "builtin":
+        from codebridge.data.emoji.suites import class_names as suite_class_names
+
+        return dict(enumerate(suite_class_names(label, job.data.root)))
+    return names_from_meta(job.samples, label)
+
+
+def run_retrieval(job: Job) -> Metrics:
+    """Both directions of every modality pair (in the model's order), over distinct items."""
+    modalities = job.present()
+    if len(modalities) < 2:
+        raise ConfigError(
+            f"{job.spec}: retrieval needs two modalities that the model ({', '.join(job.model.modalities)}) has "
+            f"and every sample has; found {', '.join(modalities) or 'none'}"
+        )
+    items = {m: embed_items(job.model, job.samples, m, job.batch_size, job.data.num_workers) for m in modalities}
+    chunk = job.model.cfg.eval.chunk_size
+    metrics: Metrics = {}
+    for a, b in itertools.combinations(modalities, 2):
+        pairs = matching_pairs(items[a], items[b])
+        metrics |= bidirectional_retrieval(items[a].embeddings, items[b].embeddings, pairs, (a, b), chunk)
+    return metrics
+
+
+def run_zeroshot(job: Job) -> Metrics:
+    """Top-1/top-5 per label; the first label's numbers are repeated as plain ``zeroshot_top1/top5``."""
+    if "text" not in job.model.modalities:
+        raise ConfigError(f"zero-shot needs a text encoder; this model has {', '.join(job.model.modalities)}")
+    embeddings = job.embed(job.classified())
+    cfg = job.model.cfg.eval
+    metrics: Metrics = {}
+    for label in job.labels():
+        names = class_names(job, label)
+        classifier = build_classifier(job.model, list(names.values()), cfg.zeroshot_templates, job.batch_size)
+        part = zeroshot_metrics(
+            embeddings, label_values(job.samples, label), classifier, list(names), label, cfg.chunk_size
+        )
+        if not metrics:
+            metrics |= {f"zeroshot_top{k}": part[f"zeroshot_{label}_top{k}"] for k in (1, 5)}
+        metrics |= part
+    return metrics
+
+
+def default_train_spec(spec: str) -> str:
+    """The train split of a built-in suite; user files must name their training data."""
+    if source_kind(spec) != "builtin":
+        raise ConfigError(f"linear-probe on {spec}: name the data to fit the probe on with --train-data")
+    return spec.partition(":")[0] + ":train"
+
+
+def run_linear_probe(job: Job) -> Metrics:
+    """``linear_probe_{label}_top1``: fit on the train spec's embeddings, score on the evaluated spec's."""
+    train_samples = open_source(job.train_spec or default_train_spec(job.spec), job.data)
+    modality = job.classified(train_samples)
+    train_x, test_x = job.embed(modality, train_samples), job.embed(modality)
+    c = job.model.cfg.eval.linear_probe_c
+    return {
+        f"linear_probe_{label}_top1": linear_probe(
+            train_x, label_values(train_samples, label), test_x, label_values(job.samples, label), label, c
+        )
+        for label in job.labels()
+    }
+
+
+TASKS: dict[str, Callable[[Job], Metrics]] = {
+    "retrieval": run_retrieval,
+    "zeroshot": run_zeroshot,
+    "linear-probe": run_linear_probe,
+}
+LATER = ("localization", "codes")  # named by the CLI, not implemented yet
+
+
+def evaluate_model(
+    model: CodeBridgeModel,
+    spec: str,
+    task: str,
+    train_spec: str | None = None,
+    label: str | None = None,
+    batch_size: int = 256,
+    data: DataConfig | None = None,
+) -> Metrics:
+    """Metrics of ``task`` for an in-memory model on ``spec`` (read with ``data``, default the model's config).
+
+    Runs on the model's device in eval mode without gradients; call it on one rank only.
+    """
+    if task in LATER:
+        raise TaskNotAvailable(f"the {task} task is not implemented yet; use one of {', '.join(TASKS)}")
+    if task not in TASKS:
+        raise ConfigError(f"unknown eval task {task!r}; choose one of {', '.join(TASKS)}")
+    data = model.cfg.data if data is None else data
+    samples = open_source(spec, data)
+    if not samples:
+        raise ConfigError(f"{spec}: no samples to evaluate")
+    job = Job(model, spec, samples, data, batch_size, label, train_spec)
+    with torch.no_grad():
+        return TASKS[task](job)
+
+
+def evaluate(
+    model_dir: Path,
+    spec: str,
+    task: str,
+    train_spec: str | None = None,
+    label: str | None = None,
+    batch_size: int = 256,
+) -> Metrics:
+    """``codebridge eval``: load the model folder (on a GPU when there is one) and evaluate it on ``spec``."""
+    import codebridge
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = codebridge.load(model_dir).to(device)
+    return evaluate_model(model, spec, task, train_spec=train_spec, label=label, batch_size=batch_size)
