@@ -1,0 +1,167 @@
+"""Atomic, pickle-free training checkpoints: ``RUN/checkpoints/step_000200/`` and a ``latest`` pointer.
+
+Layout of one checkpoint::
+
+    model.safetensors       parameters and buffers
+    optimizer.safetensors   every tensor of the optimizer state ("<param index>.<name>")
+    optimizer.json          param groups and non-tensor state
+    trainer.json            step, data position, scheduler state, world size
+    rng/rank_<r>.json       Python/NumPy/torch/CUDA generator states of rank r
+    tokenizer/              the BPE tokenizer (text runs)
+
+Everything is written into ``.tmp_step_000200`` and renamed when complete; ``latest`` is replaced (atomically)
+only afterwards, so a run killed at any moment leaves the previous checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from codebridge.distributed import rank, world_size
+from codebridge.train.optim import WarmupCosine
+from codebridge.train.parallel import barrier
+from codebridge.train.rng import capture_rng, restore_rng
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+PREFIX = "step_"
+TOKENIZER_DIR = "tokenizer"
+
+
+class Saveable(Protocol):
+    def save(self, directory: str | Path) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Where training stands after ``step`` optimizer steps; enough to continue the data stream exactly."""
+
+    step: int = 0  # optimizer steps done
+    batches: int = 0  # micro-batches this rank has consumed since the start (the loader's ``start_step``)
+    epoch: int = 0  # for the logs; the loader derives it from ``batches``
+    samples_seen: int = 0  # over all ranks
+    world_size: int = 1
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1))
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, param_state in sd["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    _write_json(directory / "optimizer.json", {"param_groups": sd["param_groups"], "scalars": scalars})
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    meta = json.loads((directory / "optimizer.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    flat = {**load_file(str(directory / "optimizer.safetensors")), **meta["scalars"]}
+    for name, value in flat.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(
+    run_dir: Path,
+    state: TrainState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: WarmupCosine,
+    tokenizer: Saveable | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write the checkpoint of ``state.step`` (collective: every rank calls it and writes its RNG state).
+
+    Keeps the newest ``keep`` checkpoints (``keep < 1``: all). Returns the checkpoint folder.
+    """
+    root = run_dir / CHECKPOINTS
+    final = root / checkpoint_name(state.step)
+    tmp = root / f".tmp_{final.name}"
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    barrier()
+    _write_json(tmp / "rng" / f"rank_{rank()}.json", capture_rng())
+    barrier()
+    if rank() == 0:
+        save_model(model, str(tmp / "model.safetensors"))
+        _save_optimizer(optimizer, tmp)
+        _write_json(tmp / "trainer.json", {"state": asdict(state), "scheduler": scheduler.state_dict()})
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_DIR)
+        shutil.rmtree(final, ignore_errors=True)  # a stale copy of this step from a killed run
+        os.replace(tmp, final)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / LATEST)
+        _prune(root, keep)
+    barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep < 1:
+        return
+    steps = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir())
+    for old in steps[:-keep]:
+        shutil.rmtree(old)
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path:
+    """``resume`` is "latest" (this run's newest checkpoint), a checkpoint folder, or another run's folder."""
+    where = run_dir if resume == LATEST else Path(resume)
+    pointer = where / CHECKPOINTS / LATEST
+    if pointer.is_file():
+        where = where / CHECKPOINTS / pointer.read_text().strip()
+    if not (where / "trainer.json").is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {where} (resume={resume!r}); pass 'latest' with the run's config, "
+            f"a folder RUN/{CHECKPOINTS}/{PREFIX}NNNNNN, or a run folder that has {CHECKPOINTS}/{LATEST}"
+        )
+    return where
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: WarmupCosine
+) -> TrainState:
+    """Restore weights, optimizer and schedule in place and return the data position (RNG: ``load_rng``)."""
+    meta = json.loads((path / "trainer.json").read_text())
+    state = TrainState(**meta["state"])
+    if state.world_size != world_size():
+        raise ValueError(
+            f"{path} was written by {state.world_size} process(es) but this run has {world_size()}; "
+            f"resume with the same torchrun --nproc_per_node so the data stream and RNG states line up"
+        )
+    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    _load_optimizer(optimizer, path)
+    scheduler.load_state_dict(meta["scheduler"])
+    return state
+
+
+def load_rng(path: Path) -> None:
+    """Restore this rank's generators; call it last, right before the first resumed step."""
+    restore_rng(json.loads((path / "rng" / f"rank_{rank()}.json").read_text()))

@@ -1,0 +1,351 @@
+"""``codebridge train``: one process or ``torchrun --nproc_per_node N``; resumable, time-boxed, NaN-safe.
+
+A step is ``train.accum_steps`` micro-batches of ``train.batch_size`` samples per process; gradients are averaged
+over ranks before clipping, the AdamW step, the schedule step and ``bridge.post_step()``. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from codebridge.config import Config, ConfigError, TrainConfig, save_config
+from codebridge.distributed import all_reduce_mean, rank, world_size
+from codebridge.train.checkpoint import (
+    CHECKPOINTS,
+    LATEST,
+    TOKENIZER_DIR,
+    TrainState,
+    find_checkpoint,
+    load_checkpoint,
+    load_rng,
+    save_checkpoint,
+)
+from codebridge.train.metrics_log import RunLog
+from codebridge.train.optim import WarmupCosine, build_optimizer, lr_at
+from codebridge.train.parallel import (
+    average_gradients,
+    barrier,
+    broadcast_state,
+    init_distributed,
+    rank_zero_says,
+    shutdown_distributed,
+)
+from codebridge.train.rng import preserved_rng, seed_everything
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+MODEL_DIR = "model"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; nothing was saved for that step, so checkpoints stay good."""
+
+    def __init__(self, step: int, what: str, parts: dict[str, float], checkpoint: Path | None) -> None:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been written yet"
+        super().__init__(
+            f"training diverged at step {step}: {what} (loss parts: {shown}); {where}. "
+            "Lower train.lr, raise train.warmup_steps, keep train.grad_clip > 0 or use train.precision=fp32, "
+            "then resume with --resume latest or start again."
+        )
+        self.step = step
+        self.parts = parts
+        self.checkpoint = checkpoint
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Reject values the loop cannot run with, naming the field."""
+    positive = {"batch_size": cfg.batch_size, "steps": cfg.steps, "accum_steps": cfg.accum_steps}
+    positive["log_every"] = cfg.log_every
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"train.{name}={value}: must be at least 1")
+    for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"train.{name}={getattr(cfg, name)}: must be 0 or more")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def train(cfg: Config, resume: str | None = None) -> Path:
+    """Train ``cfg`` (resuming from "latest", a checkpoint or a run folder) and return the run folder."""
+    check_train_config(cfg.train)
+    device, joined = init_distributed()
+    try:
+        return Trainer(cfg, device, resume).run()
+    finally:
+        if joined:
+            shutdown_distributed()
+
+
+class Trainer:
+    """Builds everything a run needs once, then ``run()`` loops over steps; one instance per run."""
+
+    def __init__(self, cfg: Config, device: torch.device, resume: str | None) -> None:
+        from codebridge.data.dataset import SampleDataset, build_loader
+        from codebridge.data.preprocess import Preprocessors
+        from codebridge.data.sources import open_source
+        from codebridge.models.model import CodeBridgeModel
+
+        self.started = time.monotonic()
+        self.cfg = cfg
+        self.device = device
+        self.run_dir = Path(cfg.output_dir)
+        self.checkpoint = find_checkpoint(self.run_dir, resume) if resume else None
+        self._prepare_run_dir()
+
+        seed_everything(cfg.seed)  # the same on every rank: identical initial weights
+        samples = open_source(cfg.data.train, cfg.data)
+        if cfg.data.val:
+            open_source(cfg.data.val, cfg.data)  # a bad validation spec fails now, not after training
+        self.tokenizer = self._tokenizer(samples)
+        prep = Preprocessors(cfg.prep, self.tokenizer)
+        self.model = CodeBridgeModel(cfg, cfg.data.modalities, prep).to(device)
+        broadcast_state(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = WarmupCosine(self.optimizer, cfg.train)
+        self.state = TrainState(world_size=world_size())
+        if self.checkpoint is not None:
+            self.state = load_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler)
+        dataset = SampleDataset(
+            samples,
+            cfg.data.modalities,
+            prep,
+            train=True,
+            skip_bad=cfg.data.skip_bad,
+            cache=cfg.data.cache,
+            seed=cfg.seed,
+        )
+        self.loader = build_loader(
+            dataset,
+            cfg.train.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            num_workers=cfg.data.num_workers,
+            drop_last=True,
+            rank=rank(),
+            world_size=world_size(),
+            start_step=self.state.batches,
+        )
+        self.log = RunLog(self.run_dir, enabled=rank() == 0, start_step=self.state.step)
+        self.last_saved = self.checkpoint if self.checkpoint is not None else None
+        if self.checkpoint is not None:
+            load_rng(self.checkpoint)
+            log.info("resumed from %s at step %d", self.checkpoint, self.state.step)
+        else:
+            seed_everything(cfg.seed + rank())  # per-rank randomness from here on
+
+    def _prepare_run_dir(self) -> None:
+        if self.checkpoint is None and (self.run_dir / CHECKPOINTS / LATEST).exists():
+            raise ConfigError(
+                f"output_dir {self.run_dir} already holds a run with checkpoints; pass --resume latest to continue "
+                "it, or choose another output_dir (--set output_dir=...)"
+            )
+        if rank() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        barrier()
+
+    def _tokenizer(self, samples: list) -> Any:
+        """The run's BPE tokenizer: from the checkpoint on resume, else trained by rank 0 and loaded by the rest."""
+        if "text" not in self.cfg.data.modalities:
+            return None
+        from codebridge.data.dataset import all_texts
+        from codebridge.data.preprocess.text import Tokenizer
+
+        if self.checkpoint is not None:
+            return Tokenizer.load(self.checkpoint / TOKENIZER_DIR)
+        folder = self.run_dir / TOKENIZER_DIR
+        if rank() == 0:
+            Tokenizer.train(all_texts(samples), self.cfg.prep.text).save(folder)
+        barrier()
+        return Tokenizer.load(folder)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def run(self) -> Path:
+        cfg = self.cfg.train
+        self.model.train()
+        batches = self._batches()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.state.step,
+            disable=not (cfg.progress and rank() == 0),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        meter = _Meter()
+        try:
+            while self.state.step < cfg.steps:
+                meter.add(*self._step(batches))
+                bar.update(1)
+                step = self.state.step
+                stopping = step == cfg.steps or self._out_of_time()
+                if step % cfg.log_every == 0 or stopping:
+                    record = self._record(meter)
+                    self.log.train(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    self._save()
+                if stopping:
+                    break
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    self._evaluate()
+            if self.state.step < cfg.steps:
+                log.info("time budget of %g minutes spent at step %d: stopping", cfg.max_minutes, self.state.step)
+            bar.close()
+            if self.last_saved is None or self.state.step != _step_of(self.last_saved):
+                self._save()
+            self._save_model()
+            self._evaluate()
+            log.info("done: %d steps in %.1f minutes; run folder %s", self.state.step, self._minutes(), self.run_dir)
+        finally:
+            bar.close()
+            self.log.close()
+        return self.run_dir
+
+    def _batches(self) -> Any:
+        while True:
+            yield from self.loader
+
+    def _step(self, batches: Any) -> tuple[float, dict[str, float], int, float]:
+        """One optimizer step; returns (loss, parts, samples on this rank, seconds)."""
+        cfg = self.cfg.train
+        started = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, parts, samples = [], defaultdict(float), 0
+        for _ in range(cfg.accum_steps):
+            batch = to_device(next(batches), self.device)
+            self.state.batches += 1
+            samples += len(batch["index"])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss, micro_parts = self.model.loss(batch, self.state.step)
+            (loss / cfg.accum_steps).backward()
+            losses.append(loss.detach().float())
+            for name, value in micro_parts.items():
+                parts[name] += float(value) / cfg.accum_steps
+        average_gradients(self.model)
+        step_loss = all_reduce_mean(torch.stack(losses).mean()).item()
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(self.state.step + 1, f"loss is {step_loss}", dict(parts), self.last_saved)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf).item()
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(self.state.step + 1, f"gradient norm is {grad_norm}", dict(parts), self.last_saved)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.model.bridge.post_step()
+        self.state.step += 1
+        self.state.epoch = self.loader.epoch
+        self.state.samples_seen += samples * world_size()
+        parts["grad_norm"] = grad_norm
+        return step_loss, dict(parts), samples, time.perf_counter() - started
+
+    def _record(self, meter: _Meter) -> dict[str, Any]:
+        """The log line of the steps since the last one, averaged over steps and ranks."""
+        loss, parts, samples, seconds = meter.pop()
+        usage = self.model.bridge.usage_stats()
+        names = sorted(parts) + sorted(usage)
+        values = all_reduce_mean(torch.tensor([parts.get(n, usage.get(n)) for n in names], device=self.device))
+        reduced = dict(zip(names, values.tolist(), strict=True))
+        return {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "lr": lr_at(self.state.step - 1, self.cfg.train),  # of the last step taken
+            "loss": loss,
+            "parts": {n: reduced[n] for n in sorted(parts)},
+            "usage": {n: reduced[n] for n in sorted(usage)},
+            "samples_per_s": samples * world_size() / max(seconds, 1e-9),
+            "samples_seen": self.state.samples_seen,
+            "elapsed_min": self._minutes(),
+        }
+
+    def _minutes(self) -> float:
+        return (time.monotonic() - self.started) / 60
+
+    def _out_of_time(self) -> bool:
+        budget = self.cfg.train.max_minutes
+        return budget > 0 and rank_zero_says(self._minutes() >= budget, self.device)
+
+    # ------------------------------------------------------------------------------------ outputs
+    def _save(self) -> None:
+        self.last_saved = save_checkpoint(
+            self.run_dir,
+            self.state,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.tokenizer,
+            keep=self.cfg.train.keep_checkpoints,
+        )
+        log.info("checkpoint %s", self.last_saved)
+
+    def _save_model(self) -> None:
+        """RUN/model/ (rank 0), written beside and renamed so a crash never leaves half a model."""
+        if rank() == 0:
+            final, tmp = self.run_dir / MODEL_DIR, self.run_dir / f".tmp_{MODEL_DIR}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            log.info("model saved to %s", final)
+        barrier()
+
+    def _evaluate(self) -> None:
+        """Retrieval on ``data.val`` (rank 0), without touching any random generator so training is unchanged."""
+        spec = self.cfg.data.val
+        if spec and rank() == 0:
+            from codebridge.eval.run import evaluate_model
+
+            with preserved_rng():
+                metrics = evaluate_model(self.model, spec, task="retrieval", batch_size=self.cfg.train.batch_size)
+            self.model.train()
+            self.log.eval(self.state.step, spec, metrics)
+            (self.run_dir / EVAL_FILE).write_text(json.dumps(metrics, indent=2))
+        barrier()
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("_", 1)[-1])
+
+
+class _Meter:
+    """Sums of the per-step numbers between two log lines."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps, self.loss, self.samples, self.seconds = 0, 0.0, 0, 0.0
+        self.parts: dict[str, float] = defaultdict(float)
+
+    def add(self, loss: float, parts: dict[str, float], samples: int, seconds: float) -> None:
+        self.steps += 1
+        self.loss += loss
+        for name, value in parts.items():
+            self.parts[name] += value
+        self.samples += samples
+        self.seconds += seconds
+
+    def pop(self) -> tuple[float, dict[str, float], int, float]:
+        """Means over the steps since the last ``pop`` (loss, parts), totals (samples, seconds); then reset."""
+        steps = max(self.steps, 1)
+        result = (self.loss / steps, {k: v / steps for k, v in self.parts.items()}, self.samples, self.seconds)
+        self._reset()
+        return result
