@@ -132,6 +132,7 @@ class CodebookConfig:
     cmcm_weight: float = 0.5  # CMG: cmcm = 0.5 * sum of the pair losses (Paper A's alpha is unverified)
     summary_weight: float = 1.0
     discrete_summary_weight: float = 1.0
+    discrete_ste: bool = True  # the discrete InfoNCE reaches the tokens through the straight-through estimator
     fusion_lambda: float = 1.0  # S = S_cont + lambda * S_disc at retrieval time
     dead_code_threshold: int = 300  # batches without use before a code is restarted (0: never)
     kmeans_init: bool = False

@@ -1,0 +1,205 @@
+"""Shared VQ codebook with Cross-Modal Code Matching (Liu et al. 2022, "Cross-Modal Discrete Representation Learning").
+
+Per modality m: fine-grained tokens are projected to the code dimension, ``h = Linear(tokens)``, and quantised with
+ONE codebook shared by every modality (vector_quantizer.py); the summary is projected to ``embed_dim``. Losses
+(papers.md A2, docs/bridges-codebook.md):
+
+- summary: symmetric InfoNCE on ``normalize(summary_proj(summary))`` over every pair (optional margin);
+- CMCM: ``p_t(k) = softmax_k(-||h_t - e_k||_2)``, ``P = mean_t p_t`` over valid positions, score
+  ``S(a_i, b_j) = sum_k [P_a_i(k) log P_b_j(k) + P_b_j(k) log P_a_i(k)]``, InfoNCE over the batch on S;
+- discrete summary: InfoNCE on ``normalize(discrete_proj(masked mean of the quantised tokens)))``;
+- commitment: ``beta ||h - sg(e)||^2`` (the codebook itself is updated by EMA, not by gradient).
+
+Retrieval embedding: ``concat(normalize(cont), sqrt(lambda) * normalize(disc))``, so that the dot product of two
+embeddings is ``S_cont + lambda * S_disc``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codebridge.config import BridgeConfig, CodebookConfig, ConfigError
+from codebridge.distributed import gather_with_grad, rank
+from codebridge.models.bridges.base import BRIDGES, Bridge, modality_pairs, pairwise_contrastive
+from codebridge.models.bridges.vector_quantizer import EMAVectorQuantizer
+from codebridge.models.features import BridgeOutput, Features
+
+LOG_EPS = 1e-10  # CMG's log(P + 1e-10)
+
+
+def code_distribution(distances: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """P [B, K]: the mean over valid positions of ``softmax_k(-distance)`` (plain L2, no temperature)."""
+    p = torch.softmax(-distances, dim=-1).masked_fill(~mask.unsqueeze(-1), 0.0)
+    return p.sum(1) / mask.sum(1, keepdim=True).clamp_min(1).to(p.dtype)
+
+
+def code_match_scores(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``S[i, j] = sum_k rows_i(k) log cols_j(k) + cols_j(k) log rows_i(k)``: the negative symmetric cross-entropy.
+
+    CMG's matrix code writes the second term as ``P_b @ log(P_a)^T``, i.e. ``P_b_i log P_a_j``, so only its diagonal
+    equals this per-pair formula; we follow the formula (papers.md A2.3).
+    """
+    return rows @ torch.log(cols + LOG_EPS).T + torch.log(rows + LOG_EPS) @ cols.T
+
+
+def cmcm_loss(pa: torch.Tensor, pb: torch.Tensor, margin: float = 0.0, symmetric: bool = False) -> torch.Tensor:
+    """Cross-Modal Code Matching for one pair: InfoNCE on S with this rank's rows and every rank's columns.
+
+    Row only (CMG): ``-1/B sum_i log(exp S_ii / sum_j exp S_ij)``; ``symmetric`` also takes the b -> a direction
+    and averages. ``margin`` is subtracted from the positive score. Cross-entropy's log-sum-exp replaces CMG's
+    global ``-min(S)`` shift: it is exactly shift-invariant, and CMG's extra ``+1e-5`` in the denominator changes
+    the loss by at most 1e-5 (after its shift every term of the sum is >= 1). No temperature, as in CMG.
+    """
+    directions = [(pa, pb), (pb, pa)] if symmetric else [(pa, pb)]
+    losses = []
+    for rows, cols in directions:
+        scores = code_match_scores(rows, gather_with_grad(cols))  # [B, world * B]
+        labels = torch.arange(len(rows), device=rows.device) + rank() * len(rows)
+        if margin:
+            scores = scores - margin * F.one_hot(labels, scores.shape[1]).to(scores.dtype)
+        losses.append(F.cross_entropy(scores, labels))
+    return torch.stack(losses).mean()
+
+
+def dominant_codes(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """The most frequent code of each sequence over valid positions (-1 where none; ties: smallest index)."""
+    valid = codes >= 0
+    counts = codes.new_zeros(codes.shape[0], num_codes).scatter_add_(1, codes.clamp_min(0), valid.long())
+    return counts.argmax(-1).masked_fill(~valid.any(-1), -1)
+
+
+def _check(cb: CodebookConfig) -> None:
+    if cb.size < 1:
+        raise ConfigError(f"model.bridge.codebook.size: must be >= 1, got {cb.size}")
+    if cb.dim is not None and cb.dim < 1:
+        raise ConfigError(f"model.bridge.codebook.dim: must be >= 1 or null (= embed_dim), got {cb.dim}")
+    if not 0.0 <= cb.decay < 1.0:
+        raise ConfigError(f"model.bridge.codebook.decay: must be in [0, 1), got {cb.decay}")
+    if cb.eps <= 0:
+        raise ConfigError(f"model.bridge.codebook.eps: must be > 0, got {cb.eps}")
+    if cb.fusion_lambda < 0:
+        raise ConfigError(f"model.bridge.codebook.fusion_lambda: must be >= 0 (it is a weight), got {cb.fusion_lambda}")
+    if cb.dead_code_threshold < 0 or cb.kmeans_iters < 0:
+        raise ConfigError("model.bridge.codebook.dead_code_threshold and kmeans_iters: must be >= 0 (0: off)")
+
+
+class _Agreement:
+    """Per pair (and over all modalities): samples whose dominant codes match, and samples seen (CMG's equal_num)."""
+
+    def __init__(self) -> None:
+        self.matches: dict[str, torch.Tensor] = {}
+        self.seen: dict[str, int] = {}
+
+    @torch.no_grad()
+    def add(self, dominant: dict[str, torch.Tensor]) -> None:
+        names = sorted(dominant)
+        if len(names) < 2:
+            return
+        first = dominant[names[0]]
+        groups = {f"{a}-{b}": dominant[a] == dominant[b] for a, b in modality_pairs(dominant)}
+        groups["all"] = torch.stack([dominant[m] == first for m in names]).all(0)
+        for key, same in groups.items():
+            self.matches[key] = self.matches.get(key, 0) + same.sum()
+            self.seen[key] = self.seen.get(key, 0) + len(same)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            ("agreement" if k == "all" else f"agreement/{k}"): float(self.matches[k]) / self.seen[k] for k in self.seen
+        }
+
+
+@BRIDGES.register("codebook")
+class CodebookBridge(Bridge):
+    """Shared EMA codebook + CMCM. ``extras`` of each modality's ``BridgeOutput``:
+
+    codes [B,T] (nearest code, -1 on padding), code_probs [B,K] (P), token_mask [B,T], continuous [B,E] and
+    discrete [B,E] (the two normalised halves of the embedding), commitment (scalar loss).
+    """
+
+    def __init__(self, cfg: BridgeConfig, widths: dict[str, int]) -> None:
+        super().__init__(cfg, widths)
+        cb = self.cb = cfg.codebook
+        _check(cb)
+        dim = cb.dim or cfg.embed_dim
+        self.token_proj = nn.ModuleDict({m: nn.Linear(w, dim) for m, w in widths.items()})
+        self.summary_proj = nn.ModuleDict({m: nn.Linear(w, cfg.embed_dim, bias=False) for m, w in widths.items()})
+        for m, w in widths.items():
+            nn.init.normal_(self.summary_proj[m].weight, std=w**-0.5)  # CLIP's projection init
+        # One projection for every modality (ours): the same codes give the same discrete summary in any modality.
+        self.discrete_proj = nn.Linear(dim, cfg.embed_dim, bias=False)
+        self.codebook = EMAVectorQuantizer(
+            cb.size,
+            dim,
+            decay=cb.decay,
+            eps=cb.eps,
+            commitment_weight=cb.commitment_weight,
+            dead_code_threshold=cb.dead_code_threshold,
+            kmeans_init=cb.kmeans_init,
+            kmeans_iters=cb.kmeans_iters,
+            mm_ema=cb.mm_ema,
+            cross_commitment=cb.cross_commitment,
+        )
+        self._agreement = _Agreement()
+
+    def forward(self, features: dict[str, Features], step: int = 0) -> dict[str, BridgeOutput]:
+        unknown = sorted(set(features) - set(self.widths))
+        if unknown:
+            raise KeyError(f"codebook bridge built for {sorted(self.widths)}, got features for {unknown}")
+        names = sorted(features)  # a stable order: MM-EMA updates the codebook modality by modality
+        masks = {m: features[m].mask.bool() for m in names}
+        quantized = self.codebook({m: self.token_proj[m](features[m].tokens) for m in names}, masks)
+        fusion = math.sqrt(self.cb.fusion_lambda)
+        outputs = {}
+        for m in names:
+            q, mask = quantized[m], masks[m]
+            cont = F.normalize(self.summary_proj[m](features[m].summary), dim=-1)
+            tokens = q.quantized if self.cb.discrete_ste else q.quantized.detach()
+            pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp_min(1).to(tokens.dtype)
+            disc = F.normalize(self.discrete_proj(pooled), dim=-1)
+            extras = {
+                "codes": q.codes,
+                "code_probs": code_distribution(q.distances, mask),
+                "token_mask": mask,
+                "continuous": cont,
+                "discrete": disc,
+                "commitment": q.commitment,
+            }
+            outputs[m] = BridgeOutput(torch.cat([cont, fusion * disc.to(cont.dtype)], dim=-1), extras)
+        self._agreement.add({m: dominant_codes(outputs[m].extras["codes"], self.cb.size) for m in names})
+        return outputs
+
+    def loss(self, outputs: dict[str, BridgeOutput], step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        """``summary_weight L_summary + discrete_summary_weight L_disc + cmcm_weight L_cmcm + commitment``, each
+        summed over every present pair (commitment over modalities); per-pair parts are logged too."""
+        cb = self.cb
+        scale = self.logit_scale()
+        summary, parts = pairwise_contrastive(
+            {m: o.extras["continuous"] for m, o in outputs.items()}, scale, self.cfg.margin, prefix="loss/summary"
+        )
+        discrete, disc_parts = pairwise_contrastive(
+            {m: o.extras["discrete"] for m, o in outputs.items()}, scale, self.cfg.margin, prefix="loss/discrete"
+        )
+        parts |= disc_parts
+        for a, b in modality_pairs(outputs):
+            pa, pb = outputs[a].extras["code_probs"], outputs[b].extras["code_probs"]
+            parts[f"loss/cmcm/{a}-{b}"] = cmcm_loss(pa, pb, cb.cmcm_margin, cb.cmcm_symmetric)
+        cmcm = torch.stack([v for k, v in parts.items() if k.startswith("loss/cmcm/")]).sum()
+        commitment = torch.stack([o.extras["commitment"] for o in outputs.values()]).sum()
+        total = cb.summary_weight * summary + cb.discrete_summary_weight * discrete + cb.cmcm_weight * cmcm + commitment
+        named = {"loss/summary": summary, "loss/discrete": discrete, "loss/cmcm": cmcm, "loss/commitment": commitment}
+        logs = {name: value.item() for name, value in (named | parts).items()}
+        logs["logit_scale"] = scale.item()
+        return total, logs
+
+    def usage_stats(self) -> dict[str, float]:
+        """Since the last call, on this rank: ``codebook/perplexity``, ``codebook/dead_fraction``, per modality
+        ``codebook/perplexity/m`` and ``codebook/usage/m``, and the cross-modal code agreement: the fraction of
+        paired samples whose dominant codes match, per pair (``codebook/agreement/a-b``) and over all modalities
+        (``codebook/agreement``, CMG's equal_num / B)."""
+        stats = self.codebook.usage_stats() | self._agreement.summary()
+        self._agreement = _Agreement()
+        return {f"codebook/{k}": v for k, v in stats.items()}

@@ -1,0 +1,317 @@
+"""One EMA vector-quantisation codebook shared by several named inputs (modalities), with its losses returned.
+
+Why not vector-quantize-pytorch (docs/ecosystem.md asks to decide): CMCM needs the differentiable distance of
+every position to every code, a shared codebook must be updated once from all modalities together (or with CMG's
+mixed MM-EMA), and padding, per-modality usage and rank-synchronised restarts must all honour masks. These cut
+across ``VectorQuantize``'s one-input forward, so a focused module is simpler than wrapping it.
+
+Conventions (papers.md A2.2 and CMG's ``Cross_VQEmbeddingEMA``):
+- the codebook ``embed`` [K, D] is a buffer (no gradient), initialised U(-1/K, 1/K);
+- EMA: ``N <- decay N + (1 - decay) counts``, Laplace smoothing ``N <- (N + eps) / (sum N + K eps) * sum N``
+  (stored smoothed, as CMG does), ``W <- decay W + (1 - decay) sums``, ``E <- W / N``;
+- statistics are summed over ranks before the update, so every rank keeps the same codebook;
+- padding positions (mask False) never enter statistics, losses or usage counters.
+All collectives run in training mode only, so evaluation may run on a single rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from codebridge.distributed import is_distributed, world_size
+
+# Squared distances below this are raised to it before sqrt: sqrt'(0) is infinite, and a restarted code can equal
+# an encoder vector exactly.
+SQRT_FLOOR = 1e-12
+
+
+@dataclass
+class Quantized:
+    """What the codebook returns for one input.
+
+    quantized:  [B, T, D] straight-through output ``x + sg(e - x)`` (value e, gradient identity); 0 at padding
+    codes:      [B, T] long, index of the nearest code, -1 at padding
+    distances:  [B, T, K] L2 distances (not squared) to every code, with gradient to x only (for CMCM)
+    commitment: scalar, ``commitment_weight * ||x - sg(e)||^2`` averaged over valid positions and dimensions
+    """
+
+    quantized: torch.Tensor
+    codes: torch.Tensor
+    distances: torch.Tensor
+    commitment: torch.Tensor
+
+
+def squared_distances(x: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+    """``|x|^2 - 2 x E^T + |E|^2`` for x [N, D] and E [K, D] with one matmul, clamped at 0 (rounding can go below)."""
+    d2 = torch.addmm((embed * embed).sum(-1), x, embed.T, alpha=-2.0) + (x * x).sum(-1, keepdim=True)
+    return d2.clamp_min(0.0)
+
+
+def perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of the code histogram ``counts`` [K]: the effective number of codes in use (0 if empty)."""
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    p = counts.double() / total
+    return torch.exp(-torch.special.xlogy(p, p).sum()).item()
+
+
+def _sum_over_ranks_(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def _from_rank0_(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
+class EMAVectorQuantizer(nn.Module):
+    """Nearest-code quantiser with an EMA-updated codebook shared by every input of ``forward``.
+
+    Args:
+        num_codes, dim: codebook size K and code dimension D.
+        decay, eps: EMA decay gamma and Laplace-smoothing epsilon (0.99, 1e-5 as in CMG).
+        commitment_weight: beta of the commitment loss (0.25).
+        dead_code_threshold: a code unused (by every input, on every rank) for this many consecutive training
+            batches is restarted at a random encoder vector of the current batch, chosen on rank 0; 0: never.
+        kmeans_init: initialise the codebook by k-means (``kmeans_iters`` Lloyd steps) on the first training batch.
+        mm_ema: CMG extension. Update once per input, in order, with the mixed target ``0.5 x_X + 0.5 / (M-1)
+            sum_Y x_Y`` at X's code (0.5/0.5 bimodal, 0.5/0.25/0.25 tri-modal); needs position-aligned inputs.
+        cross_commitment: CMG extension (as coded). ``2 beta ||x_X - sg(e_X)||^2 + beta / (M-1) sum_Y ||x_X -
+            sg(e_Y)||^2`` (2β + β bimodal, 2β + 0.5β + 0.5β tri-modal); needs position-aligned inputs.
+    """
+
+    def __init__(
+        self,
+        num_codes: int,
+        dim: int,
+        *,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        commitment_weight: float = 0.25,
+        dead_code_threshold: int = 300,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        mm_ema: bool = False,
+        cross_commitment: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_codes < 1 or dim < 1:
+            raise ValueError(f"a codebook needs num_codes >= 1 and dim >= 1, got {num_codes} x {dim}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.num_codes, self.dim = num_codes, dim
+        self.decay, self.eps = decay, eps
+        self.commitment_weight = commitment_weight
+        self.dead_code_threshold = dead_code_threshold
+        self.kmeans_iters = kmeans_iters
+        self.mm_ema, self.cross_commitment = mm_ema, cross_commitment
+        embed = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)
+        self.register_buffer("embed", embed)
+        # N starts at 1 (not CMG's 0) so that E = W / N holds from the start: with N = 0 an unused code becomes
+        # decay * E_init / (tiny smoothed N) after the first update and is flung far from the data.
+        self.register_buffer("cluster_size", torch.ones(num_codes))
+        self.register_buffer("embed_sum", embed.clone())
+        self.register_buffer("unused_steps", torch.zeros(num_codes, dtype=torch.long))
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self._usage: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def forward(
+        self, inputs: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, Quantized]:
+        """Quantise every input x [B, T, D] (mask [B, T], True = real) with the same codebook state, then, in
+        training mode, update the codebook once from all of them (all ranks together)."""
+        masks = self._checked_masks(inputs, masks)
+        xs = {m: x.masked_fill(~masks[m].unsqueeze(-1), 0.0) for m, x in inputs.items()}  # garbage-proof padding
+        if self.training and not bool(self.initted):
+            self._kmeans_init(torch.cat([x.detach()[masks[m]] for m, x in xs.items()]))
+        # A snapshot: the update below changes the buffer in place, and autograd keeps this copy for backward.
+        embed = self.embed.detach().clone()
+        with torch.autocast(embed.device.type, enabled=False):
+            assigned = {m: self._assign(x, embed) for m, x in xs.items()}
+        codes = {m: assigned[m][0].masked_fill(~masks[m], -1) for m in xs}
+        stats = self._statistics(xs, codes)  # [M, K, 1 + D]: counts, sums of EMA targets
+        if self.training:
+            _sum_over_ranks_(stats)
+        valid = stats[:, :, 0].sum(-1)  # [M] valid positions per input (over ranks in training)
+        commitment = self._commitment(xs, {m: a[2] for m, a in assigned.items()}, masks, valid)
+        if self.training:
+            self._update(stats)
+            self._restart_dead(stats[:, :, 0].sum(0) > 0, xs, masks)
+        self._count_usage(codes)
+        return {
+            m: Quantized(
+                quantized=(x + (assigned[m][2].to(x.dtype) - x).detach()).masked_fill(~masks[m].unsqueeze(-1), 0.0),
+                codes=codes[m],
+                distances=assigned[m][1],
+                commitment=commitment[m],
+            )
+            for m, x in xs.items()
+        }
+
+    def pop_usage(self) -> dict[str, torch.Tensor]:
+        """Per-input code histograms [K] (valid positions, this rank) since the last call; resets them."""
+        usage, self._usage = self._usage, {}
+        return {m: c.cpu() for m, c in usage.items()}
+
+    def usage_stats(self) -> dict[str, float]:
+        """``perplexity``, ``dead_fraction`` (codes used by no input) over all inputs, and per input ``perplexity/m``
+        and ``usage/m`` (fraction of codes it used), since the last call, on this rank."""
+        usage = self.pop_usage()
+        if not usage:
+            return {}
+        total = torch.stack(list(usage.values())).sum(0)
+        stats = {"perplexity": perplexity(total), "dead_fraction": (total == 0).double().mean().item()}
+        for m, counts in usage.items():
+            stats[f"perplexity/{m}"] = perplexity(counts)
+            stats[f"usage/{m}"] = (counts > 0).double().mean().item()
+        return stats
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _checked_masks(
+        self, inputs: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        if not inputs:
+            raise ValueError("the codebook got no inputs")
+        out = {}
+        for m, x in inputs.items():
+            if x.ndim != 3 or x.shape[-1] != self.dim:
+                raise ValueError(f"codebook input {m!r}: expected [B, T, {self.dim}], got {list(x.shape)}")
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if masks is None else masks[m].bool()
+            if mask.shape != x.shape[:2]:
+                raise ValueError(f"codebook input {m!r}: mask {list(mask.shape)} does not match {list(x.shape[:2])}")
+            out[m] = mask
+        if (self.mm_ema or self.cross_commitment) and len(out) > 1:
+            first = next(iter(out))
+            for m, mask in out.items():
+                if mask.shape != out[first].shape or not torch.equal(mask, out[first]):
+                    raise ValueError(
+                        "mm_ema / cross_commitment (CMG extensions) pair features at the same (sample, position), "
+                        f"so every input needs the same positions and mask; {first!r} has {list(out[first].shape)}, "
+                        f"{m!r} has {list(mask.shape)} (or a different mask). Turn both options off for these inputs."
+                    )
+        return out
+
+    def _assign(self, x: torch.Tensor, embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes [B,T], L2 distances [B,T,K] with grad to x, nearest codes [B,T,D]) in the codebook's dtype."""
+        b, t, _ = x.shape
+        d2 = squared_distances(x.reshape(b * t, -1).to(embed.dtype), embed)
+        codes = d2.detach().argmin(-1)
+        distances = d2.clamp_min(SQRT_FLOOR).sqrt().reshape(b, t, -1)
+        return codes.reshape(b, t), distances, embed[codes].reshape(b, t, -1)
+
+    def _statistics(self, xs: dict[str, torch.Tensor], codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per input: code counts and sums of its EMA targets (x itself, or CMG's mixed target with mm_ema)."""
+        names = list(xs)
+        out = self.embed.new_zeros(len(names), self.num_codes, 1 + self.dim)
+        for i, m in enumerate(names):
+            valid = codes[m] >= 0
+            target = self._mixed_target(xs, m) if self.mm_ema and len(names) > 1 else xs[m]
+            target = target.detach().to(out.dtype)
+            rows = torch.cat([torch.ones_like(target[..., :1]), target], dim=-1)[valid]
+            out[i].index_add_(0, codes[m][valid], rows)
+        return out
+
+    @staticmethod
+    def _mixed_target(xs: dict[str, torch.Tensor], own: str) -> torch.Tensor:
+        others = [x for m, x in xs.items() if m != own]
+        return 0.5 * xs[own] + (0.5 / len(others)) * torch.stack(others).sum(0)
+
+    def _commitment(
+        self,
+        xs: dict[str, torch.Tensor],
+        nearest: dict[str, torch.Tensor],
+        masks: dict[str, torch.Tensor],
+        valid: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Mean over valid positions and dimensions; in training the denominator counts every rank's positions and
+        the loss is scaled by the world size, so averaging gradients over ranks equals one process."""
+        scale = world_size() if self.training else 1
+        names = list(xs)
+        out = {}
+        for i, m in enumerate(names):
+            norm = scale / (valid[i].clamp_min(1) * self.dim)
+
+            def sq_error(e: torch.Tensor, m: str = m) -> torch.Tensor:
+                err = (xs[m].to(e.dtype) - e.detach()).pow(2).sum(-1)  # in the codebook's precision
+                return err.masked_fill(~masks[m], 0.0).sum()
+
+            if self.cross_commitment and len(names) > 1:
+                cross = sum(sq_error(nearest[o]) for o in names if o != m) / (len(names) - 1)
+                loss = 2.0 * sq_error(nearest[m]) + cross
+            else:
+                loss = sq_error(nearest[m])
+            out[m] = self.commitment_weight * loss * norm
+        return out
+
+    @torch.no_grad()
+    def _ema_step(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        self.cluster_size.copy_((self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self.embed.copy_(self.embed_sum / self.cluster_size.unsqueeze(-1))
+
+    @torch.no_grad()
+    def _update(self, stats: torch.Tensor) -> None:
+        """Joint: one EMA step from all inputs' statistics. MM-EMA: one step per input, in order, as CMG does."""
+        steps = stats if self.mm_ema else stats.sum(0, keepdim=True)
+        for s in steps:
+            self._ema_step(s[:, 0], s[:, 1:])
+
+    @torch.no_grad()
+    def _restart_dead(self, used: torch.Tensor, xs: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+        """Count batches without use; move codes unused for ``dead_code_threshold`` batches onto random encoder
+        vectors of this batch (rank 0's, broadcast, so every rank restarts identically), as if each had been
+        assigned one vector per batch (N = 1, W = E)."""
+        self.unused_steps.add_(1).masked_fill_(used, 0)
+        if self.dead_code_threshold <= 0:
+            return
+        dead = (self.unused_steps >= self.dead_code_threshold).nonzero().squeeze(-1)
+        if dead.numel() == 0:  # the same on every rank: counters are built from statistics summed over ranks
+            return
+        pool = torch.cat([x[masks[m]] for m, x in xs.items()])
+        picks = torch.randint(len(pool), (len(dead),), device=pool.device)  # drawn on every rank, rank 0's used
+        fresh = _from_rank0_(pool[picks].to(self.embed.dtype).contiguous())
+        self.embed[dead] = fresh
+        self.embed_sum[dead] = fresh
+        self.cluster_size[dead] = 1.0
+        self.unused_steps[dead] = 0
+
+    @torch.no_grad()
+    def _kmeans_init(self, vectors: torch.Tensor) -> None:
+        """Lloyd's k-means on the first batch's valid vectors (all inputs, all ranks); seeds drawn on rank 0."""
+        vectors = vectors.to(self.embed.dtype)
+        n = len(vectors)
+        picks = torch.randperm(n, device=vectors.device)[: self.num_codes] if n >= self.num_codes else None
+        if picks is None:
+            picks = torch.randint(n, (self.num_codes,), device=vectors.device)
+        centroids = _from_rank0_(vectors[picks].contiguous())
+        counts = torch.zeros(self.num_codes, dtype=vectors.dtype, device=vectors.device)
+        for _ in range(self.kmeans_iters):
+            codes = squared_distances(vectors, centroids).argmin(-1)
+            stats = vectors.new_zeros(self.num_codes, 1 + self.dim)
+            stats.index_add_(0, codes, torch.cat([torch.ones_like(vectors[:, :1]), vectors], dim=-1))
+            _sum_over_ranks_(stats)
+            counts = stats[:, 0]
+            filled = counts > 0
+            centroids[filled] = stats[filled, 1:] / counts[filled].unsqueeze(-1)
+        self.embed.copy_(centroids)
+        self.cluster_size.copy_(counts.clamp_min(1.0))
+        self.embed_sum.copy_(centroids * self.cluster_size.unsqueeze(-1))
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def _count_usage(self, codes: dict[str, torch.Tensor]) -> None:
+        for m, c in codes.items():
+            counts = torch.bincount(c[c >= 0], minlength=self.num_codes)
+            self._usage[m] = self._usage[m] + counts if m in self._usage else counts
