@@ -150,10 +150,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from codebridge.train.trainer import train
+    from codebridge.train.trainer import TrainingDiverged, train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, resume=args.resume)
+    try:
+        run_dir = train(cfg, resume=args.resume)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     print(f"run folder: {run_dir}")
     return 0
 
