@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from codebridge.config import TextPrep, TrainConfig
+from codebridge.config import ConfigError, TextPrep, TrainConfig
 from codebridge.data.preprocess import Tokenizer
 from codebridge.train.checkpoint import (
     CHECKPOINTS,
@@ -133,7 +133,7 @@ def test_find_checkpoint_accepts_folders_and_explains_misses(tmp_path: Path) -> 
 def test_other_world_size_is_refused(tmp_path: Path) -> None:
     net, optimizer, scheduler = build()
     path = save_checkpoint(tmp_path, TrainState(step=1, world_size=2), net, optimizer, scheduler)
-    with pytest.raises(ValueError, match=r"written by 2 process.*--nproc_per_node"):
+    with pytest.raises(ConfigError, match=r"written by 2 process.*--nproc_per_node"):
         load_checkpoint(path, *build())
 
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from codebridge.config import Config, ConfigError, load_config
+from codebridge.config import Config, ConfigError, load_config, save_config
 from codebridge.data.preprocess import Preprocessors, Tokenizer
 from codebridge.models.model import CodeBridgeModel
 from codebridge.train import TrainingDiverged, train
@@ -146,6 +151,29 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(shapes: dict[str, Path
     assert numbers(stopped) == numbers(straight)
     a, b = load_file(straight / "model" / "model.safetensors"), load_file(stopped / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(shapes: dict[str, Path], tmp_path: Path) -> None:
+    """``codebridge train`` killed with SIGKILL once its first checkpoint exists, then ``--resume latest``."""
+    overrides = ("train.steps=400", "train.log_every=10", "train.checkpoint_every=10")
+    straight = train(tiny_config(shapes, tmp_path / "straight", *overrides))
+
+    killed = tmp_path / "killed"
+    save_config(tiny_config(shapes, killed, *overrides), tmp_path / "killed.yaml")
+    command = [sys.executable, "-m", "codebridge", "train", "--config", str(tmp_path / "killed.yaml")]
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "latest").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "model").exists()
+
+    train(tiny_config(shapes, killed, *overrides), resume="latest")
+    a, b = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in read_metrics(killed)] == [r["loss"] for r in read_metrics(straight)]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(

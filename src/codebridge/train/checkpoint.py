@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from codebridge.config import ConfigError
 from codebridge.distributed import rank, world_size
 from codebridge.train.optim import WarmupCosine
 from codebridge.train.parallel import barrier
@@ -152,7 +153,7 @@ def load_checkpoint(
     meta = json.loads((path / "trainer.json").read_text())
     state = TrainState(**meta["state"])
     if state.world_size != world_size():
-        raise ValueError(
+        raise ConfigError(
             f"{path} was written by {state.world_size} process(es) but this run has {world_size()}; "
             f"resume with the same torchrun --nproc_per_node so the data stream and RNG states line up"
         )

@@ -26,6 +26,7 @@ from codebridge.train.checkpoint import (
     LATEST,
     TOKENIZER_DIR,
     TrainState,
+    checkpoint_name,
     find_checkpoint,
     load_checkpoint,
     load_rng,
@@ -67,14 +68,12 @@ class TrainingDiverged(RuntimeError):
 
 def check_train_config(cfg: TrainConfig) -> None:
     """Reject values the loop cannot run with, naming the field."""
-    positive = {"batch_size": cfg.batch_size, "steps": cfg.steps, "accum_steps": cfg.accum_steps}
-    positive["log_every"] = cfg.log_every
-    for name, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"train.{name}={value}: must be at least 1")
-    for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+    for name, least in {"batch_size": 1, "steps": 1, "accum_steps": 1, "log_every": 1, "warmup_steps": 0}.items():
+        if getattr(cfg, name) < least:
+            raise ConfigError(f"train.{name}={getattr(cfg, name)}: must be at least {least}")
+    for name in ("eval_every", "checkpoint_every", "max_minutes", "grad_clip"):
         if getattr(cfg, name) < 0:
-            raise ConfigError(f"train.{name}={getattr(cfg, name)}: must be 0 or more")
+            raise ConfigError(f"train.{name}={getattr(cfg, name)}: must be 0 (off) or more")
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -146,7 +145,7 @@ class Trainer:
             start_step=self.state.batches,
         )
         self.log = RunLog(self.run_dir, enabled=rank() == 0, start_step=self.state.step)
-        self.last_saved = self.checkpoint if self.checkpoint is not None else None
+        self.last_saved = self.checkpoint
         if self.checkpoint is not None:
             load_rng(self.checkpoint)
             log.info("resumed from %s at step %d", self.checkpoint, self.state.step)
@@ -211,7 +210,7 @@ class Trainer:
             if self.state.step < cfg.steps:
                 log.info("time budget of %g minutes spent at step %d: stopping", cfg.max_minutes, self.state.step)
             bar.close()
-            if self.last_saved is None or self.state.step != _step_of(self.last_saved):
+            if self.last_saved != self.run_dir / CHECKPOINTS / checkpoint_name(self.state.step):
                 self._save()
             self._save_model()
             self._evaluate()
@@ -319,10 +318,6 @@ class Trainer:
             self.log.eval(self.state.step, spec, metrics)
             (self.run_dir / EVAL_FILE).write_text(json.dumps(metrics, indent=2))
         barrier()
-
-
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("_", 1)[-1])
 
 
 class _Meter:
