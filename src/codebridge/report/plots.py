@@ -132,11 +132,13 @@ def recall_bars(rows: Sequence[tuple[str, dict[str, float]]], ks: Sequence[str])
     fig, ax = _axes("retrieval recall", xlabel="")
     width = 0.8 / len(ks)
     x = np.arange(len(rows))
+    heights = [[100 * metrics.get(k, math.nan) for _, metrics in rows] for k in ks]
     for i, k in enumerate(ks):
-        ax.bar(x + i * width, [100 * metrics.get(k, math.nan) for _, metrics in rows], width, label=k)
+        ax.bar(x + i * width, heights[i], width, label=k)
     ax.set_xticks(x + width * (len(ks) - 1) / 2, [name for name, _ in rows], fontsize=8)
     ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
+    top = np.nanmax(heights) if not np.isnan(heights).all() else 0.0
+    ax.set_ylim(0, min(100, max(5.0, 1.2 * top)))  # small recalls (early runs) stay readable
     ax.legend(fontsize=8)
     return png_uri(fig)
 
