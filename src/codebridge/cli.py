@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--label", default=None, help="zeroshot/linear-probe: label name (default: group and subgroup)")
     ev.add_argument("--batch-size", type=int, default=256)
 
+    report = sub.add_parser(
+        "report",
+        help="write one self-contained HTML page for a run",
+        description="Training curves, retrieval tables, example queries with their top-5 results, localization "
+        "heatmaps, code grids and usage, as one HTML file (no network needed to view it).",
+    )
+    report.add_argument("run_dir", type=Path, help="run folder (holds config.yaml, metrics.jsonl, model/)")
+    report.add_argument("--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)")
+    report.add_argument("--queries", type=int, default=4, help="example queries to show (default 4)")
+    report.add_argument("--max-samples", type=int, default=5000, help="validation items to search (default 5000)")
+
     demo = sub.add_parser(
         "demo",
         help="the whole pipeline on the built-in data: build, train, evaluate, report",
@@ -181,6 +192,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from codebridge.report import build_report
+
+    path = build_report(args.run_dir, out=args.out, queries=args.queries, max_samples=args.max_samples)
+    print(f"report: {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from codebridge.demo import run_demo
 
@@ -188,7 +207,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo}
+COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

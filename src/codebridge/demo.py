@@ -8,13 +8,11 @@ prints where it all is.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
 from codebridge.config import load_config
-
-log = logging.getLogger(__name__)
+from codebridge.paths import emoji_root
 
 DEMO_EVALS = [  # (task, data spec, file name under RUN/eval/)
     ("retrieval", "emoji-style:test", "retrieval.json"),
@@ -33,12 +31,15 @@ def run_demo(
 ) -> Path:
     """Run the whole pipeline; returns the run folder. Steps that are not available are reported, not hidden."""
     from codebridge.data.emoji.build import build_emoji
+    from codebridge.data.emoji.manifest import read_manifest
     from codebridge.eval.run import TaskNotAvailable, evaluate_model
+    from codebridge.report import build_report
     from codebridge.train.trainer import train
 
     started = time.perf_counter()
-    manifest = build_emoji(out=None if data_root is None else data_root / "emoji")
-    print(f"[1/4] emoji data ready: {json.dumps(manifest['counts'])}")
+    root = emoji_root(data_root)
+    manifest = read_manifest(root) or build_emoji(out=root)  # an existing build (even a subset) is used as it is
+    print(f"[1/4] emoji data at {root}: {json.dumps(manifest['counts'])}")
 
     settings = [f"output_dir={out}", f"train.max_minutes={minutes}", *(overrides or [])]
     if data_root is not None:
@@ -65,17 +66,8 @@ def run_demo(
     for key, value in summary.items():
         print(f"    {key}: {value:.3f}" if isinstance(value, float) else f"    {key}: {value}")
 
-    report = _report(run_dir)
+    report = build_report(run_dir)
     print(f"[4/4] done in {(time.perf_counter() - started) / 60:.1f} min")
     print(f"    run folder: {run_dir}")
-    print(f"    report:     {report}  (open it in a browser: xdg-open {report})" if report else "    report: n/a")
+    print(f"    report:     {report}  (open it in a browser: xdg-open {report})")
     return run_dir
-
-
-def _report(run_dir: Path) -> Path | None:
-    try:
-        from codebridge.report.build import build_report
-    except ImportError:
-        log.warning("the HTML report module is not installed; skipping the report")
-        return None
-    return build_report(run_dir)
