@@ -1,5 +1,4 @@
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ from codebridge.config import BridgeConfig, CodebookConfig, ConfigError
 from codebridge.models.bridges.base import BRIDGES
 from codebridge.models.bridges.codebook import CodebookBridge, dominant_codes
 from codebridge.models.features import Features
+from helpers import free_port
 
 WIDTHS = {"audio": 7, "image": 6, "text": 5}
 LENGTHS = {"audio": 6, "image": 4, "text": 5}
@@ -259,14 +259,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for setup in SETUPS:
         loss, model, feats = _step(setup, slice(0, 6))

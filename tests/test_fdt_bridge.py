@@ -1,5 +1,4 @@
 import math
-import socket
 from pathlib import Path
 
 import entmax
@@ -13,6 +12,7 @@ from codebridge.config import BridgeConfig, ConfigError, FdtConfig
 from codebridge.models.bridges.base import BRIDGES
 from codebridge.models.bridges.fdt import FdtBridge, fdt_temperature
 from codebridge.models.features import Features
+from helpers import free_port
 
 WIDTHS = {"image": 6, "text": 5, "audio": 4}
 LENGTHS = {"image": 9, "text": 6, "audio": 7}
@@ -265,14 +265,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     loss, bridge, inputs = _loss_and_grads(_features(batch=6, modalities=MODALITIES))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.allclose(ranks[0]["loss"], loss, atol=1e-5)
