@@ -1,0 +1,357 @@
+"""Cross-modal localization without labels: which image patches (or video frames) a word or a spoken frame
+matches, read off each bridge's shared space, and the pointing game that scores it against ground-truth boxes.
+
+Position similarity ``sim[b, q, t]`` between query positions (words, audio frames) and target positions
+(patches, video frames), per bridge (docs/localization.md):
+
+- ``codebook``: soft code assignments ``p = softmax_k(-||h - e_k||)`` per position (the CMCM distribution before
+  it is averaged over positions); ``sim[q, t] = sum_k p_q(k) p(t | k)`` with ``p(t | k) = p_t(k) / sum_t' p_t'(k)``:
+  the chance that a code drawn by the word is drawn at position t. Codes shared by the whole image (background)
+  spread over all its positions, so positions sharing *rare* codes with the word stand out. A map sums to 1.
+- ``fdt``: the query's FDT weights ``w_q = activation(s_q)`` (sparsemax over its row of token x FDT scores) dotted
+  with each target position's scores ``s_t``: how strongly that position grounds on the tokens the word selects.
+- ``clip``: no fine-grained shared space, so the baseline is the cosine of the positions' tokens after the
+  bridge's summary projections (image patches are not what the projection was trained on).
+
+A word's map is the mean of its tokens' rows; a heatmap is that map on the patch grid [G, G].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from codebridge.config import ConfigError
+from codebridge.data.preprocess.image import centre_square
+from codebridge.data.preprocess.text import Tokenizer
+from codebridge.data.sample import Sample
+from codebridge.models.bridges.sparsemax import sparsemax
+from codebridge.models.bridges.vector_quantizer import SQRT_FLOOR, squared_distances
+from codebridge.models.features import Features
+
+if TYPE_CHECKING:
+    from codebridge.models.model import CodeBridgeModel
+
+Box = Sequence[float]  # x0, y0, x1, y1 in source-image pixels
+Metrics = dict[str, float]
+DISCRETE = ("codebook", "fdt")
+ZOOMS = ("zooming in", "zooming out")  # the clip motions whose object size changes over time
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+@contextmanager
+def inference(model: CodeBridgeModel) -> Iterator[None]:
+    """Eval mode without gradients, restoring the model's mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def encode_features(model: CodeBridgeModel, modality: str, items: list[Any]) -> Features:
+    """Encoder features of raw items (paths, PIL images, strings) with the model's eval preprocessing."""
+    from codebridge.models.model import prepare_batch
+
+    if modality not in model.encoders:
+        raise ConfigError(f"this model has no {modality} encoder; its modalities are {', '.join(model.modalities)}")
+    entry = prepare_batch(model.preprocessors, modality, items)
+    return model.encoders[modality]({k: v.to(model.device) for k, v in entry.items()})
+
+
+def grid_size(num_patches: int) -> int:
+    """Side G of the square patch grid of ``num_patches`` image tokens."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} image tokens do not form a square patch grid")
+    return side
+
+
+# ------------------------------------------------------------------------------------------------ shared space
+def code_affinity(model: CodeBridgeModel, modality: str, features: Features) -> Tensor:
+    """[B, T, K] how strongly each position belongs to each code (codebook: -L2 distance) or FDT token (fdt:
+    the grounding score s); its argmax is the position's code. Padded rows are 0 (use ``features.mask``)."""
+    bridge, name = model.bridge, model.cfg.model.bridge.name
+    if name == "codebook":
+        h = bridge.token_proj[modality](features.tokens)
+        embed = bridge.codebook.embed
+        d2 = squared_distances(h.flatten(0, 1).to(embed.dtype), embed).clamp_min(SQRT_FLOOR)
+        affinity = -d2.sqrt().view(*h.shape[:2], -1)
+    elif name == "fdt":
+        affinity = bridge.token_fdt_scores({modality: features})[modality]
+    else:
+        raise ConfigError(
+            f"the {name} bridge has no shared codes or tokens; code analysis needs a codebook or fdt model "
+            "(localization works for every bridge: --task localization)"
+        )
+    return affinity.masked_fill(~features.mask.unsqueeze(-1), 0.0)
+
+
+def _fdt_weights(model: CodeBridgeModel, scores: Tensor) -> Tensor:
+    """The bridge's activation applied to each position's own row of scores (not pooled)."""
+    activation = model.cfg.model.bridge.fdt.activation
+    if activation == "sparsemax":
+        return sparsemax(scores)
+    return torch.softmax(scores, -1) if activation == "softmax" else torch.sigmoid(scores)
+
+
+def position_similarity(model: CodeBridgeModel, query: str, q: Features, target: str, t: Features) -> Tensor:
+    """[B, Tq, Tt] similarity of every query position to every target position of the same pair (see the module
+    docstring); padded target positions are -inf, padded query rows are meaningless."""
+    name = model.cfg.model.bridge.name
+    if name == "codebook":
+        pq = torch.softmax(code_affinity(model, query, q), -1)
+        pt = torch.softmax(code_affinity(model, target, t), -1) * t.mask.unsqueeze(-1)
+        sim = pq @ (pt / pt.sum(1, keepdim=True).clamp_min(1e-12)).transpose(1, 2)  # sum_k p_q(k) p(t | k)
+    elif name == "fdt":
+        wq = _fdt_weights(model, code_affinity(model, query, q))
+        sim = wq @ code_affinity(model, target, t).transpose(1, 2)
+    elif name == "clip":
+        proj = model.bridge.proj
+        eq, et = F.normalize(proj[query](q.tokens), dim=-1), F.normalize(proj[target](t.tokens), dim=-1)
+        sim = eq @ et.transpose(1, 2)
+    else:
+        raise ConfigError(f"localization does not know the {name} bridge; it knows clip, {', '.join(DISCRETE)}")
+    return sim.masked_fill(~t.mask.unsqueeze(1), float("-inf"))
+
+
+# ------------------------------------------------------------------------------------------------ words
+def _token_count(tokenizer: Tokenizer, text: str) -> int | None:
+    """Tokens of ``text`` between <sot> and <eot>; None when truncation drops some of them."""
+    if not tokenizer.normalize(text):
+        return 0
+    ids, mask = tokenizer.encode([text])
+    if tokenizer.decode(ids[0]) != tokenizer.normalize(text):
+        return None
+    return int(mask.sum()) - 2
+
+
+def word_positions(tokenizer: Tokenizer, text: str, span: Sequence[int]) -> list[int] | None:
+    """Positions in ``tokenizer.encode([text])`` of the tokens of the characters ``text[start:end]``.
+
+    The prefixes ``text[:start]`` and ``text[:end]`` are re-tokenized and their lengths subtracted; byte-level BPE
+    never merges across a pre-tokenizer (word) boundary, so this is exact for spans on word boundaries. None when
+    the span lies (partly) past the context length.
+    """
+    start, end = int(span[0]), int(span[1])
+    if not 0 <= start < end <= len(text):
+        raise ValueError(f"span {[start, end]} is not a non-empty range of the {len(text)} characters of {text!r}")
+    before, upto = _token_count(tokenizer, text[:start]), _token_count(tokenizer, text[:end])
+    if before is None or upto is None:
+        return None
+    return list(range(1 + before, 1 + upto))  # +1: <sot>
+
+
+# ------------------------------------------------------------------------------------------------ pointing game
+def patch_boxes(size: tuple[int, int], grid: int) -> Tensor:
+    """[G*G, 4] source-pixel boxes (x0, y0, x1, y1) of the patches, row-major; the model sees the centre square."""
+    left, top, right, _ = centre_square(*size)
+    step = (right - left) / grid
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    x0, y0 = left + cols.flatten() * step, top + rows.flatten() * step
+    return torch.stack([x0, y0, x0 + step, y0 + step], -1).double()
+
+
+def inside_box(points: Tensor, box: Box) -> Tensor:
+    """[N] bool: which (x, y) points [N, 2] lie in the box (edges included)."""
+    x0, y0, x1, y1 = box
+    return (points[:, 0] >= x0) & (points[:, 0] <= x1) & (points[:, 1] >= y0) & (points[:, 1] <= y1)
+
+
+def patch_centres(size: tuple[int, int], grid: int) -> Tensor:
+    boxes = patch_boxes(size, grid)
+    return (boxes[:, :2] + boxes[:, 2:]) / 2
+
+
+def tied_hit(scores: Tensor, target: Tensor) -> float:
+    """Is the maximum of ``scores`` [N] on a ``target`` [N] cell? Ties share the credit, so a flat map scores the
+    fraction of target cells rather than whatever cell comes first."""
+    best = scores == scores.max()
+    return target[best].double().mean().item()
+
+
+def pointing_hit(heat: Tensor, box: Box, size: tuple[int, int]) -> float:
+    """1 when the centre of the heatmap's [G, G] maximum patch lies in ``box`` (ties: the fraction that do)."""
+    return tied_hit(heat.flatten(), inside_box(patch_centres(size, heat.shape[-1]), box))
+
+
+def box_fraction(box: Box, size: tuple[int, int]) -> float:
+    """Area of ``box`` over the image area: the chance that a uniformly random point hits it."""
+    x0, y0, x1, y1 = box
+    return max(0.0, x1 - x0) * max(0.0, y1 - y0) / (size[0] * size[1])
+
+
+def pointing_game(heats: Sequence[Tensor], boxes: Sequence[Box], sizes: Sequence[tuple[int, int]]) -> Metrics:
+    """Accuracy of ``pointing_hit`` over objects, next to two chance levels: the mean box-area fraction
+    (``pointing_game_random``) and the mean fraction of patch centres in the box (``..._random_patches``, the exact
+    chance of pointing at a uniformly random patch)."""
+    if not heats:
+        raise ValueError("the pointing game needs at least one object")
+    n = len(heats)
+    grids = [h.shape[-1] for h in heats]
+    return {
+        "pointing_game": sum(pointing_hit(h, b, s) for h, b, s in zip(heats, boxes, sizes, strict=True)) / n,
+        "pointing_game_random": sum(box_fraction(b, s) for b, s in zip(boxes, sizes, strict=True)) / n,
+        "pointing_game_random_patches": sum(
+            inside_box(patch_centres(s, g), b).double().mean().item()
+            for b, s, g in zip(boxes, sizes, grids, strict=True)
+        )
+        / n,
+        "n_objects": float(n),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ maps
+def word_map(sim: Tensor, positions: Sequence[int]) -> Tensor:
+    """[Tt] mean similarity of the word's query rows to every target position."""
+    return sim[list(positions)].mean(0)
+
+
+def content_positions(mask: Tensor) -> list[int]:
+    """Positions of a caption's real tokens between <sot> and <eot> (``mask`` [L] of one caption)."""
+    return list(range(1, int(mask.sum()) - 1))
+
+
+@dataclass
+class CaptionMaps:
+    """Heatmaps [G, G] of one caption over its image: the whole caption's and one per span (None: truncated)."""
+
+    caption: Tensor
+    words: list[Tensor | None]
+
+
+def caption_word_maps(
+    model: CodeBridgeModel, images: list[Image.Image], captions: list[str], spans: list[list[Sequence[int]]]
+) -> list[CaptionMaps]:
+    """Per image and its caption: the map of the caption's content tokens and of each character span."""
+    image, text = encode_features(model, "image", images), encode_features(model, "text", captions)
+    sim = position_similarity(model, "text", text, "image", image)
+    grid = grid_size(sim.shape[-1])
+    out = []
+    for b, (caption, caption_spans) in enumerate(zip(captions, spans, strict=True)):
+        words = []
+        for span in caption_spans:
+            positions = word_positions(model.tokenizer, caption, span)
+            words.append(None if not positions else word_map(sim[b], positions).view(grid, grid).cpu())
+        whole = word_map(sim[b], content_positions(text.mask[b]) or [0]).view(grid, grid).cpu()
+        out.append(CaptionMaps(whole, words))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _scene_objects(sample: Sample) -> list[dict[str, Any]]:
+    objects = sample.meta.get("objects")
+    for i, obj in enumerate(objects):
+        missing = [k for k in ("span", "box") if k not in obj]
+        if missing:
+            raise ValueError(
+                f"{sample.source}: meta objects[{i}] lacks {', '.join(missing)}; each object needs "
+                "span [start, end] (characters of the caption) and box [x0, y0, x1, y1] (pixels)"
+            )
+    return objects
+
+
+def evaluate_scenes(model: CodeBridgeModel, samples: list[Sample], batch_size: int = 64) -> Metrics:
+    """The pointing game over every object word of image + caption samples with ``meta["objects"]``; objects whose
+    words fall past the text context are counted in ``n_objects_truncated`` and left out.
+
+    ``pointing_game_caption_map`` is a word-blind control: the same game with every object given the map of its
+    whole caption. It is far above ``pointing_game_random`` whenever a map merely prefers objects to background;
+    only word maps that beat it localize *the named* object.
+    """
+    heats, controls, boxes, sizes, truncated = [], [], [], [], 0
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        images = [model.preprocessors.image.load(s.image) for s in chunk]
+        objects = [_scene_objects(s) for s in chunk]
+        maps = caption_word_maps(
+            model, images, [s.texts[0] for s in chunk], [[o["span"] for o in objs] for objs in objects]
+        )
+        for img, objs, found in zip(images, objects, maps, strict=True):
+            for obj, heat in zip(objs, found.words, strict=True):
+                if heat is None:
+                    truncated += 1
+                    continue
+                heats.append(heat)
+                controls.append(found.caption)
+                boxes.append(obj["box"])
+                sizes.append(img.size)
+    if not heats:
+        raise ConfigError(
+            f"none of the {truncated} object words fits prep.text.context_length="
+            f"{model.cfg.prep.text.context_length}; train with a longer context to run the pointing game"
+        )
+    control = pointing_game(controls, boxes, sizes)["pointing_game"]
+    return pointing_game(heats, boxes, sizes) | {
+        "pointing_game_caption_map": control,
+        "n_objects_truncated": float(truncated),
+    }
+
+
+def zoom_target(motion: str, frames: int) -> Tensor:
+    """[T] bool: the sampled frames in which a zooming object is large (zooming in: the later half; zooming out:
+    the earlier half; the middle frame of an odd count is in neither)."""
+    if motion not in ZOOMS:
+        raise ValueError(f"{motion!r} is not one of {', '.join(ZOOMS)}")
+    order = torch.arange(frames)
+    return order >= math.ceil(frames / 2) if motion == "zooming in" else order < frames // 2
+
+
+def evaluate_clips(model: CodeBridgeModel, samples: list[Sample], batch_size: int = 32) -> Metrics:
+    """Zooming clips: does the object word align best with the frames where the object is large? Chance is the
+    fraction of such frames (0.5 for an even frame count). Moving and rotating objects look alike in every frame,
+    so they have no frame to point at and are not scored."""
+    zooms = [s for s in samples if s.meta["motion"] in ZOOMS]
+    hits, chance = [], []
+    for i in range(0, len(zooms), batch_size):
+        chunk = zooms[i : i + batch_size]
+        captions = [s.texts[0] for s in chunk]
+        video = encode_features(model, "video", [s.video for s in chunk])
+        text = encode_features(model, "text", captions)
+        sim = position_similarity(model, "text", text, "video", video)
+        for b, sample in enumerate(chunk):
+            motion, caption = sample.meta["motion"], captions[b]
+            if not caption.endswith(" " + motion):
+                raise ValueError(f"{sample.source}: caption {caption!r} does not end with its motion {motion!r}")
+            positions = word_positions(model.tokenizer, caption, (0, len(caption) - len(motion) - 1))
+            if not positions:
+                continue
+            target = zoom_target(motion, sim.shape[-1])
+            hits.append(tied_hit(word_map(sim[b], positions).cpu(), target))
+            chance.append(target.double().mean().item())
+    if not hits:
+        return {"n_zoom_clips": 0.0}
+    return {
+        "clips_zoom_pointing": sum(hits) / len(hits),
+        "clips_zoom_pointing_random": sum(chance) / len(chance),
+        "n_zoom_clips": float(len(hits)),
+    }
+
+
+def evaluate_localization(model: CodeBridgeModel, samples: list[Sample], batch_size: int = 64) -> Metrics:
+    """Flat metrics: the pointing game on scenes (image + caption + ``meta["objects"]``, e.g. emoji-scenes:test)
+    and/or the zoom alignment on clips (video + caption + ``meta["motion"]``, e.g. emoji-clips:test)."""
+    scenes = [s for s in samples if s.image is not None and s.texts and s.meta.get("objects")]
+    clips = [s for s in samples if s.video is not None and s.texts and "motion" in s.meta]
+    if not scenes and not clips:
+        raise ConfigError(
+            "localization needs scenes (image + caption with meta objects holding span and box, e.g. "
+            "emoji-scenes:test) or clips (video + caption with meta motion, e.g. emoji-clips:test)"
+        )
+    metrics: Metrics = {}
+    with inference(model):
+        if scenes:
+            metrics |= evaluate_scenes(model, scenes, batch_size)
+        if clips:
+            metrics |= evaluate_clips(model, clips, batch_size)
+    return metrics
