@@ -17,6 +17,7 @@ from codebridge.eval.codes import (
     concept_agreement,
     emoji_concept_groups,
     evaluate_codes,
+    grid_rows,
     label_metrics,
     patch_crop,
     perplexity,
@@ -93,13 +94,22 @@ def test_top_patches_keep_the_best_image_per_code_across_batches() -> None:
     assert entries[1] == {"index": 1, "sample": "k1", "image": "1.png", "row": 1, "col": 1, "score": pytest.approx(0.3)}
 
 
-def test_patch_crop_outlines_the_patch_in_its_context() -> None:
-    image = Image.new("RGB", (40, 40), (255, 255, 255))
-    crop = patch_crop(image, grid=4, row=0, col=0, context=1, size=40)  # patches 0..1 x 0..1: 20 px -> 40 px
-    pixels = np.asarray(crop)
-    assert crop.size == (40, 40)
-    assert tuple(pixels[0, 10]) == (255, 0, 0) and tuple(pixels[19, 10]) == (255, 0, 0)
-    assert tuple(pixels[30, 30]) == (255, 255, 255)
+def test_patch_crop_outlines_the_patch_in_a_square_window() -> None:
+    image = Image.new("RGB", (40, 40), (255, 255, 255))  # grid 4: 10 px patches; window 3 x 3 patches = 30 px
+    corner = np.asarray(patch_crop(image, grid=4, row=0, col=0, context=1, size=30))
+    assert corner.shape == (30, 30, 3)
+    assert tuple(corner[0, 5]) == (255, 0, 0) and tuple(corner[9, 5]) == (255, 0, 0)  # patch at the window's corner
+    assert tuple(corner[20, 20]) == (255, 255, 255)
+    far = np.asarray(patch_crop(image, grid=4, row=3, col=3, context=1, size=30))  # window shifted inward
+    assert tuple(far[29, 25]) == (255, 0, 0) and tuple(far[20, 25]) == (255, 0, 0) and tuple(far[5, 5]) == (255,) * 3
+
+
+def test_grid_rows_put_codes_shared_by_modalities_first() -> None:
+    def entry(code: int, image: int, text: int) -> dict:
+        return {"code": code, "count_by_modality": {"image": image, "text": text}, "top_patches": [{}] * (image > 0)}
+
+    table = [entry(0, 50, 0), entry(1, 9, 3), entry(2, 0, 40), entry(3, 5, 1), entry(4, 4, 0)]
+    assert [e["code"] for e in grid_rows(table, 3)] == [1, 3, 0]
 
 
 @pytest.mark.parametrize("bridge", ["codebook", "fdt"])

@@ -291,7 +291,7 @@ def evaluate_codes(
 ) -> dict[str, float]:
     """Flat ``codes_*`` metrics (module docstring). With ``out_dir`` also ``codes.json`` (``usage``: the histogram
     over all K codes; ``codes``: per used code its usage by modality, top words, top concepts, top patches with
-    their image and grid position) and ``codes_grid.png`` (top patches of the ``rows`` most used codes).
+    their image and grid position) and ``codes_grid.png`` (top patches of ``rows`` codes, see ``grid_rows``).
 
     ``groups`` maps concept -> group (default: from the samples' labels). Scene objects carry only a concept, so
     for the built-in scenes pass ``emoji_concept_groups(root)``.
@@ -315,32 +315,40 @@ def evaluate_codes(
         usage = np.bincount(found.arrays()[0], minlength=found.num_codes)
         (out_dir / CODES_FILE).write_text(json.dumps({"usage": usage.tolist(), "codes": table}, indent=1))
         if patches is not None:
-            draw_code_grid(model, samples, table[:rows], patches.grid, out_dir / GRID_FILE)
+            draw_code_grid(model, samples, grid_rows(table, rows), patches.grid, out_dir / GRID_FILE)
     return metrics
 
 
 # ------------------------------------------------------------------------------------------------ figure
 def patch_crop(image: Image.Image, grid: int, row: int, col: int, context: int = 1, size: int = 64) -> Image.Image:
-    """The patch with ``context`` patches around it, the patch outlined in red, resized to ``size`` px."""
+    """A square window of ``2 * context + 1`` patches holding the patch (shifted inward at the image border),
+    resized to ``size`` px, with the patch outlined in red."""
     boxes = patch_boxes(image.size, grid).view(grid, grid, 4)
-    r0, c0 = max(row - context, 0), max(col - context, 0)
-    r1, c1 = min(row + context, grid - 1), min(col + context, grid - 1)
+    span = min(2 * context + 1, grid)
+    r0, c0 = (min(max(i - context, 0), grid - span) for i in (row, col))
     x0, y0 = boxes[r0, c0, :2].tolist()
-    x1, y1 = boxes[r1, c1, 2:].tolist()
+    x1, y1 = boxes[r0 + span - 1, c0 + span - 1, 2:].tolist()
     crop = image.crop((round(x0), round(y0), round(x1), round(y1))).resize((size, size), Image.Resampling.NEAREST)
     px0, py0, px1, py1 = boxes[row, col].tolist()
-    sx, sy = size / (x1 - x0), size / (y1 - y0)
+    scale = size / (x1 - x0)
     ImageDraw.Draw(crop).rectangle(
-        ((px0 - x0) * sx, (py0 - y0) * sy, (px1 - x0) * sx - 1, (py1 - y0) * sy - 1), outline=(255, 0, 0)
+        ((px0 - x0) * scale, (py0 - y0) * scale, (px1 - x0) * scale - 1, (py1 - y0) * scale - 1), outline=(255, 0, 0)
     )
     return crop
+
+
+def grid_rows(table: list[dict[str, Any]], rows: int) -> list[dict[str, Any]]:
+    """The codes to draw: those used by two or more modalities first (the shared ones the claim is about), each
+    group most used first; only codes with image patches."""
+    drawable = [entry for entry in table if entry.get("top_patches")]
+    shared = [entry for entry in drawable if sum(n > 0 for n in entry["count_by_modality"].values()) >= 2]
+    return (shared + [entry for entry in drawable if entry not in shared])[:rows]
 
 
 def draw_code_grid(
     model: CodeBridgeModel, samples: list[Sample], table: list[dict[str, Any]], grid: int, path: Path
 ) -> Path:
     """A row per code: its top patches (in their image context), titled with the code's usage and top words."""
-    table = [entry for entry in table if entry.get("top_patches")]
     if not table:
         raise ValueError("no code has image patches to draw")
     columns = max(len(entry["top_patches"]) for entry in table)
