@@ -60,49 +60,79 @@ def _linear_pool(
     return pooled @ tokens.T * scale
 
 
-class ChunkedMaxPool(torch.autograd.Function):
-    """max over t of the masked scores, computed ``chunk`` tokens at a time; keeps only the argmax [B, C].
+def _score_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of q would run in here: the autocast dtype when autocast is on for q's device."""
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return q.dtype
 
-    Ties go to the first position, as in ``Tensor.max(dim)``. Backward scatters the pooled gradient onto the
-    argmax positions chunk by chunk, so peak memory is O(B * chunk * C) in both passes.
+
+class ChunkedMaxPool(torch.autograd.Function):
+    """max over t of the masked scores, computed ``chunk`` positions at a time; keeps only the argmax [B, C].
+
+    Forward: one matmul per chunk into a reused [B * chunk, C] buffer, scaled and masked in place (the naive path's
+    operations, so the same scores), reduced over the chunk and merged in place into the running max and argmax.
+    Ties go to the first position, as in ``Tensor.max(dim)``.
+    Backward: the gradient of a max reaches only its argmax, and is zero wherever the pooled gradient is (outside
+    the sparsemax support) or the argmax is a padded position (a constant score). So the scattered gradient is a
+    sparse [B*T, C] matrix with at most B*C entries, and two sparse-dense products give grad q and grad tokens:
+    2*nnz*d multiply-adds instead of the naive 4*B*T*C*d. Samples go in groups spanning no more (sample,
+    position) rows than a forward chunk (B*chunk), so both passes need O(B*chunk*C) memory.
     """
 
     @staticmethod
     def forward(ctx, q, tokens, mask, scale: float, pad_mode: PadMode, chunk: int):  # type: ignore[override]
-        best = idx = None
-        for start in range(0, q.shape[1], chunk):
-            s = _mask_scores(q[:, start : start + chunk] @ tokens.T * scale, mask[:, start : start + chunk], pad_mode)
-            value, where = s.max(dim=1)
-            if best is None:
-                best, idx = value, where
-            else:
-                better = value > best  # strict: an equal later value keeps the earlier (first) argmax
-                best = torch.where(better, value, best)
-                idx = torch.where(better, where + start, idx)
+        batch, length, dim = q.shape
+        dtype = _score_dtype(q)
+        qc, tc = q.to(dtype), tokens.to(dtype).T
+        buffer = qc.new_empty(batch * min(chunk, length), tokens.shape[0])
+        best, value = qc.new_empty(batch, tokens.shape[0]), qc.new_empty(batch, tokens.shape[0])
+        idx, where = (torch.empty(batch, tokens.shape[0], dtype=torch.long, device=q.device) for _ in range(2))
+        better = torch.empty(batch, tokens.shape[0], dtype=torch.bool, device=q.device)
+        fill = float("-inf") if pad_mode == "neg_inf" else 0.0
+        padded = (~mask).any(0).tolist()  # positions padded in some sample (one device sync, not one per chunk)
+        with torch.autocast(q.device.type, enabled=False):  # dtype is chosen above; out= needs exact dtypes
+            for start in range(0, length, chunk):
+                size = min(chunk, length - start)
+                flat = qc[:, start : start + size].reshape(batch * size, dim)
+                s = torch.mm(flat, tc, out=buffer[: batch * size]).view(batch, size, -1).mul_(scale)
+                if any(padded[start : start + size]):
+                    s.masked_fill_(~mask[:, start : start + size].unsqueeze(-1), fill)
+                if start == 0:
+                    torch.max(s, dim=1, out=(best, idx))
+                    continue
+                torch.max(s, dim=1, out=(value, where))
+                torch.gt(value, best, out=better)  # strict: an equal later value keeps the earlier (first) argmax
+                torch.where(better, where.add_(start), idx, out=idx)
+                torch.maximum(best, value, out=best)
         ctx.save_for_backward(q, tokens, mask, idx)
-        ctx.scale, ctx.chunk = scale, chunk
+        ctx.scale, ctx.group = scale, max(1, batch * chunk // length)  # rows per group <= rows per chunk
         return best
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         q, tokens, mask, idx = ctx.saved_tensors
-        work = torch.promote_types(torch.promote_types(q.dtype, tokens.dtype), grad.dtype)
-        qw, tw, grad = q.to(work), tokens.to(work), grad.to(work) * ctx.scale
-        grad_q = torch.zeros_like(qw) if ctx.needs_input_grad[0] else None
+        work = torch.promote_types(
+            torch.promote_types(q.dtype, tokens.dtype), torch.promote_types(grad.dtype, torch.float32)
+        )
+        qw, tw = q.to(work), tokens.to(work)
+        grad_q = torch.empty_like(qw) if ctx.needs_input_grad[0] else None
         grad_t = torch.zeros_like(tw) if ctx.needs_input_grad[1] else None
-        batch, length = q.shape[:2]
-        for start in range(0, length, ctx.chunk):
-            size = min(ctx.chunk, length - start)
-            local = idx - start
-            inside = (local >= 0) & (local < size)
-            # g[b, t, c] = grad[b, c] where t is the argmax of (b, c); each (b, c) writes one cell of its column
-            g = torch.zeros(batch, size, tw.shape[0], dtype=work, device=q.device)
-            g.scatter_(1, local.clamp(0, size - 1).unsqueeze(1), (grad * inside).unsqueeze(1))
-            g = g * mask[:, start : start + size].unsqueeze(-1)  # a padded position scores a constant: no gradient
-            if grad_q is not None:
-                grad_q[:, start : start + size] = g @ tw
+        batch, length, dim = q.shape
+        live = (grad != 0) & mask.gather(1, idx)
+        for first in range(0, batch, ctx.group):
+            size = min(ctx.group, batch - first)
+            local, c = live[first : first + size].nonzero(as_tuple=True)
+            b = local + first
+            rows = local * length + idx[b, c]
+            values = grad[b, c].to(work) * ctx.scale
+            g = torch.sparse_coo_tensor(
+                torch.stack([rows, c]), values, (size * length, tokens.shape[0]), check_invariants=False
+            )
+            if grad_q is not None:  # written in place: no zero-filled [rows, d] temporaries per group
+                torch.mm(g, tw, out=grad_q[first : first + size].view(size * length, dim))
             if grad_t is not None:
-                grad_t += g.flatten(0, 1).T @ qw[:, start : start + size].flatten(0, 1)
+                grad_t.addmm_(g.t(), qw[first : first + size].reshape(size * length, dim))
         return (
             None if grad_q is None else grad_q.to(q.dtype),
             None if grad_t is None else grad_t.to(tokens.dtype),
