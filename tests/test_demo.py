@@ -36,3 +36,5 @@ def test_demo_runs_end_to_end(emoji_root, tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "<img" in html and "emoji-fdt" in html
     assert (out / "model" / "model.safetensors").is_file()
+    assert (out / "analysis" / "localization_scene.png").is_file()
+    assert json.loads((out / "eval" / "localization.json").read_text())["n_objects"] > 0

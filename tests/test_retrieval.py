@@ -222,7 +222,7 @@ def test_evaluate_every_modality_pair_from_a_model_folder(emoji_root: Path, tmp_
 
 def test_evaluate_errors_are_clear(tmp_path: Path) -> None:
     model = tiny_model(["image", "text"], ["red square"])
-    with pytest.raises(TaskNotAvailable, match="codes task is not implemented yet"):
+    with pytest.raises(TaskNotAvailable, match="the clip bridge has no codes"):
         evaluate_model(model, "never-read.jsonl", "codes")
     with pytest.raises(ConfigError, match="unknown eval task 'ranking'"):
         evaluate_model(model, "never-read.jsonl", "ranking")

@@ -103,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--label", default=None, help="zeroshot/linear-probe: label name (default: group and subgroup)")
     ev.add_argument("--batch-size", type=int, default=256)
 
+    loc = sub.add_parser(
+        "localize",
+        help="heatmaps: which image regions / video frames each word (or spoken frame) points at",
+        description="Map every word of --text (or frames of --audio) onto --image patches (or --video frames) "
+        "through the model's shared space, with no localization labels. Writes PNG panels and raw maps as JSON.",
+    )
+    loc.add_argument("--model", required=True, type=Path, help="model folder (RUN/model)")
+    target = loc.add_mutually_exclusive_group(required=True)
+    target.add_argument("--image", type=Path, help="image to localize in")
+    target.add_argument("--video", type=Path, help="video to localize in (per-frame map)")
+    query = loc.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help='caption, e.g. "a dog face left of a pizza"')
+    query.add_argument("--audio", type=Path, help="speech file")
+    loc.add_argument("--out", type=Path, default=Path("heat.png"), help="PNG to write (default heat.png)")
+    loc.add_argument("--segments", type=int, default=4, help="audio: number of time segments to map (default 4)")
+
     report = sub.add_parser(
         "report",
         help="write one self-contained HTML page for a run",
@@ -192,6 +208,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_localize(args: argparse.Namespace) -> int:
+    from codebridge.localize import localize_cli
+
+    result = localize_cli(
+        args.model,
+        image=args.image,
+        text=args.text,
+        audio=args.audio,
+        video=args.video,
+        out=args.out,
+        segments=args.segments,
+    )
+    print(f"heatmaps: {result['png']}\nraw maps: {result['json']}")
+    if result["skipped"]:
+        print(f"skipped (past the text context length): {', '.join(result['skipped'])}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from codebridge.report import build_report
 
@@ -207,7 +241,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "demo": _cmd_demo}
+COMMANDS = {
+    "data": _cmd_data,
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "localize": _cmd_localize,
+    "report": _cmd_report,
+    "demo": _cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,9 @@ def run_demo(
     """Run the whole pipeline; returns the run folder. Steps that are not available are reported, not hidden."""
     from codebridge.data.emoji.build import build_emoji
     from codebridge.data.emoji.manifest import read_manifest
+    from codebridge.data.sources import open_source
     from codebridge.eval.run import TaskNotAvailable, evaluate_model
+    from codebridge.localize import localize_cli
     from codebridge.report import build_report
     from codebridge.train.trainer import train
 
@@ -53,11 +55,13 @@ def run_demo(
     model = codebridge.load(run_dir / "model")
     eval_dir = run_dir / "eval"
     eval_dir.mkdir(exist_ok=True)
+    analysis = run_dir / "analysis"
+    analysis.mkdir(exist_ok=True)
     print("[3/4] evaluating")
     summary: dict[str, float | str] = {}
     for task, spec, name in DEMO_EVALS:
         try:
-            metrics = evaluate_model(model, spec, task, data=cfg.data)
+            metrics = evaluate_model(model, spec, task, data=cfg.data, artifacts=analysis)
         except TaskNotAvailable as exc:  # e.g. code analysis of a bridge without codes
             summary[task] = f"not available: {exc}"
             continue
@@ -65,6 +69,12 @@ def run_demo(
         summary.update({k: v for k, v in metrics.items() if k.endswith(("R@1", "top1", "pointing_game"))})
     for key, value in summary.items():
         print(f"    {key}: {value:.3f}" if isinstance(value, float) else f"    {key}: {value}")
+
+    scene = open_source("emoji-scenes:test", cfg.data)[0]
+    heat = localize_cli(
+        run_dir / "model", image=scene.image, text=scene.texts[0], out=analysis / "localization_scene.png"
+    )
+    print(f"    heatmaps for {scene.texts[0]!r}: {heat['png']}")
 
     report = build_report(run_dir)
     print(f"[4/4] done in {(time.perf_counter() - started) / 60:.1f} min")

@@ -19,8 +19,10 @@ from torch import Tensor
 from codebridge.config import ConfigError, DataConfig
 from codebridge.data.sample import Sample
 from codebridge.data.sources import open_source, source_kind
+from codebridge.eval.codes import emoji_concept_groups, evaluate_codes
 from codebridge.eval.embed import embed_dataset, embed_items, matching_pairs
 from codebridge.eval.linear_probe import linear_probe
+from codebridge.eval.localization import evaluate_localization
 from codebridge.eval.retrieval import bidirectional_retrieval
 from codebridge.eval.zeroshot import build_classifier, names_from_meta, zeroshot_metrics
 
@@ -33,7 +35,7 @@ CLASSIFIED = ("image", "video", "audio")  # the modality zero-shot and the probe
 
 
 class TaskNotAvailable(ConfigError, NotImplementedError):
-    """The task is named by the CLI but not implemented yet."""
+    """The task does not apply to this model (e.g. code analysis of a bridge without codes)."""
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Job:
     batch_size: int
     label: str | None = None
     train_spec: str | None = None
+    artifacts: Path | None = None
 
     def present(self, samples: list[Sample] | None = None) -> list[str]:
         """The model's modalities that every sample has."""
@@ -152,12 +155,24 @@ def run_linear_probe(job: Job) -> Metrics:
     }
 
 
+def run_localization(job: Job) -> Metrics:
+    """Pointing game on scenes (and the zoom-clip frame check); see docs/localization.md."""
+    return evaluate_localization(job.model, job.samples, job.batch_size)
+
+
+def run_codes(job: Job) -> Metrics:
+    """Code/FDT-token analysis: usage, purity and NMI against concepts/groups, top words and patches."""
+    groups = emoji_concept_groups(job.data.root) if source_kind(job.spec) == "builtin" else None
+    return evaluate_codes(job.model, job.samples, out_dir=job.artifacts, groups=groups, batch_size=job.batch_size)
+
+
 TASKS: dict[str, Callable[[Job], Metrics]] = {
     "retrieval": run_retrieval,
     "zeroshot": run_zeroshot,
     "linear-probe": run_linear_probe,
+    "localization": run_localization,
+    "codes": run_codes,
 }
-LATER = ("localization", "codes")  # named by the CLI, not implemented yet
 
 
 def evaluate_model(
@@ -168,20 +183,23 @@ def evaluate_model(
     label: str | None = None,
     batch_size: int = 256,
     data: DataConfig | None = None,
+    artifacts: Path | None = None,
 ) -> Metrics:
     """Metrics of ``task`` for an in-memory model on ``spec`` (read with ``data``, default the model's config).
 
+    ``artifacts``: folder for figures and tables the task writes (code grids); None writes none.
+
     Runs on the model's device in eval mode without gradients; call it on one rank only.
     """
-    if task in LATER:
-        raise TaskNotAvailable(f"the {task} task is not implemented yet; use one of {', '.join(TASKS)}")
     if task not in TASKS:
         raise ConfigError(f"unknown eval task {task!r}; choose one of {', '.join(TASKS)}")
+    if task == "codes" and model.cfg.model.bridge.name == "clip":
+        raise TaskNotAvailable("code analysis needs a discrete bridge (codebook or fdt); the clip bridge has no codes")
     data = model.cfg.data if data is None else data
     samples = open_source(spec, data)
     if not samples:
         raise ConfigError(f"{spec}: no samples to evaluate")
-    job = Job(model, spec, samples, data, batch_size, label, train_spec)
+    job = Job(model, spec, samples, data, batch_size, label, train_spec, artifacts)
     with torch.no_grad():
         return TASKS[task](job)
 
@@ -193,10 +211,13 @@ def evaluate(
     train_spec: str | None = None,
     label: str | None = None,
     batch_size: int = 256,
+    artifacts: Path | None = None,
 ) -> Metrics:
     """``codebridge eval``: load the model folder (on a GPU when there is one) and evaluate it on ``spec``."""
     import codebridge
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = codebridge.load(model_dir).to(device)
-    return evaluate_model(model, spec, task, train_spec=train_spec, label=label, batch_size=batch_size)
+    return evaluate_model(
+        model, spec, task, train_spec=train_spec, label=label, batch_size=batch_size, artifacts=artifacts
+    )
