@@ -1,0 +1,138 @@
+"""Science benchmark: every bridge trained with the same encoders, data and time budget, evaluated on the emoji suites.
+
+Writes ``docs/results/bridges.json`` keyed bridge -> suite -> OpenCLIP-style metric name (plus the budget and the
+command used) and ``docs/results/bridges.md`` with the table. Run:
+
+    python benchmarks/bridges.py --bridges clip codebook fdt --minutes 10
+
+Each (bridge, task) pair is one training run of at most ``--minutes`` wall-clock minutes and ``--steps`` steps,
+whichever ends first; the run folders are kept under ``--runs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from codebridge.config import load_config
+from codebridge.eval.run import evaluate
+from codebridge.train.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# task -> (recipe suffix, [(suite written in the results, eval spec)])
+TASKS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "style": ("", [("emoji-style", "emoji-style:test")]),
+    "concept": ("", [("emoji-concept", "emoji-concept:test")]),
+    "speech": ("-speech", [("emoji-voice", "emoji-voice:test")]),
+    "video": ("-video", [("emoji-clips", "emoji-clips:test")]),
+}
+CONCEPT_DATA = ["data.train=emoji-concept:train", "data.val=emoji-concept:test"]
+USAGE_PREFIXES = ("usage/", "fdt/", "codebook/", "agreement")
+
+
+def run_task(bridge: str, task: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    suffix, evals = TASKS[task]
+    out_dir = args.runs / f"{bridge}-{task}"
+    overrides = [
+        f"output_dir={out_dir}",
+        f"train.max_minutes={args.minutes}",
+        f"train.steps={args.steps}",
+        "train.eval_every=0",
+        *(CONCEPT_DATA if task == "concept" else []),
+        *args.set,
+    ]
+    cfg = load_config(ROOT / "configs" / f"emoji-{bridge}{suffix}.yaml", overrides)
+    started = time.perf_counter()
+    run_dir = train(cfg, resume="latest" if args.resume and (out_dir / "checkpoints").exists() else None)
+    minutes = (time.perf_counter() - started) / 60
+    results: dict[str, dict[str, float]] = {}
+    for suite, spec in evals:
+        metrics = evaluate(run_dir / "model", spec, "retrieval")
+        metrics["train_minutes"] = round(minutes, 2)
+        metrics.update(last_usage(run_dir))
+        results[suite] = metrics
+    return results
+
+
+def last_usage(run_dir: Path) -> dict[str, float]:
+    """The code/token usage and cross-modal agreement logged last during training (discrete bridges)."""
+    usage: dict[str, float] = {}
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    for line in lines:
+        record = json.loads(line)
+        for key, value in record.items():
+            if key.startswith(USAGE_PREFIXES) and isinstance(value, (int, float)):
+                usage[key] = value
+    return usage
+
+
+TABLE_METRICS = [
+    ("emoji-style", "text_to_image_R@1"),
+    ("emoji-style", "image_to_text_R@1"),
+    ("emoji-concept", "text_to_image_R@1"),
+    ("emoji-voice", "image_to_audio_R@1"),
+    ("emoji-voice", "audio_to_image_R@1"),
+    ("emoji-clips", "video_to_text_R@1"),
+    ("emoji-clips", "text_to_video_R@1"),
+]
+
+
+def write_table(results: dict, path: Path) -> None:
+    bridges = [b for b in results if not b.startswith("_")]
+    lines = [
+        "# Bridges on the emoji benchmark",
+        "",
+        f"Budget per run: {results['_meta']['minutes']} min or {results['_meta']['steps']} steps on "
+        f"{results['_meta']['machine']}. Command: `{results['_meta']['command']}`",
+        "",
+        "| suite | metric | " + " | ".join(bridges) + " |",
+        "|---|---|" + "---|" * len(bridges),
+    ]
+    for suite, metric in TABLE_METRICS:
+        cells = []
+        for b in bridges:
+            value = results[b].get(suite, {}).get(metric)
+            cells.append("n/a" if value is None else f"{value:.3f}")
+        lines.append(f"| {suite} | {metric} | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bridges", nargs="+", default=["clip", "codebook", "fdt"])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget per training run")
+    parser.add_argument("--steps", type=int, default=3000, help="step cap per training run")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bridges.json")
+    parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    parser.add_argument("--resume", action="store_true", help="resume interrupted runs instead of restarting")
+    args = parser.parse_args(argv)
+
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results["_meta"] = {
+        "minutes": args.minutes,
+        "steps": args.steps,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "command": "python benchmarks/bridges.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for bridge in args.bridges:
+        for task in args.tasks:
+            results.setdefault(bridge, {}).update(run_task(bridge, task, args))
+            args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
+            write_table(results, args.out.with_suffix(".md"))
+    print(args.out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
