@@ -4,7 +4,7 @@ Writes ``docs/results/perf.json`` (flat headline keys, targets, raw timings, sha
 ``docs/results/perf.md`` (the table with the target beside each figure). Every figure is a ratio of two
 measurements taken in the same run; the CPU figures are the ones the targets apply to. Run:
 
-    python benchmarks/perf.py                 # CPU, paper-scale sizes (about 15 minutes on 1 thread)
+    python benchmarks/perf.py                 # CPU, paper-scale sizes (about 13 minutes on 1 thread)
     python benchmarks/perf.py --quick         # smaller sizes, written to runs/perf-quick/
     python benchmarks/perf.py --device cuda   # the same on a GPU, stored under "cuda" beside the CPU figures
 

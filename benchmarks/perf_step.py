@@ -151,9 +151,9 @@ def build_runs(
 
 
 def time_steps(runs: dict[str, StepRun], device: torch.device, repeats: int) -> dict[str, Any]:
-    """FLOPs of each step (counted during the warm-up step) and interleaved timings of the next ``repeats``."""
+    """FLOPs of each step (counted in a first step), then one untimed round and ``repeats`` interleaved timings."""
     flops = {name: count_flops(run) for name, run in runs.items()}
-    times = interleaved_times(dict(runs), device, repeats, warmup=0)
+    times = interleaved_times(dict(runs), device, repeats, warmup=1)
     return {
         "batch_size": len(next(iter(runs.values())).batch["index"]),
         "flops": flops,
