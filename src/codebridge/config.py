@@ -157,7 +157,7 @@ class FdtConfig:
     temperature_floor: float = 0.01
     token_weight_decay: bool = True  # the authors' FDT table gets weight decay
     topk_sparsemax: bool = True  # partial top-k sparsemax (exact; falls back to larger k when needed)
-    chunk_size: int = 0  # >0: memory-lean max-pool over tokens in chunks of this many tokens
+    chunk_size: int = 8  # >0: memory-lean max-pool in chunks of this many tokens (bit-equal); 0: naive [B,T,C]
     temperature_staircase: bool = True  # the authors' solver recomputes T only when step % temperature_every == 0
     sparsemax_k: int = 64  # first k of top-k sparsemax; afterwards k follows the observed support
 

@@ -67,6 +67,7 @@ def retrieval_ranks(query: Tensor, gallery: Tensor, positives: Tensor, chunk_siz
         )
         # in place, so the chunk is the only [chunk, Ng] buffer; a float32 count is exact below 2**24
         ranks[start:end] = 1 + scores.gt_(best[:, None]).sum(dim=1).long()
+        del scores  # free this chunk before the next matmul allocates its own
     return ranks
 
 
