@@ -15,24 +15,11 @@ from codebridge.data.preprocess import Preprocessors, Tokenizer
 from codebridge.data.sample import Sample
 from codebridge.models.bridges.base import BRIDGES
 from codebridge.models.model import CodeBridgeModel, import_bridges
+from helpers import small_config
 
 torch.set_num_threads(1)
 MODALITIES = ["image", "text", "audio", "video"]
 CAPTIONS = ["a red square", "a blue circle", "green triangle on white", "the yellow star", "purple heart"]
-
-
-def small_config() -> Config:
-    cfg = Config()
-    cfg.prep.image.size = cfg.prep.video.size = 16
-    cfg.prep.video.frames = 3
-    cfg.prep.audio.max_seconds = 0.5
-    cfg.prep.text.vocab_size = 300
-    for enc in (cfg.model.image, cfg.model.text, cfg.model.audio):
-        enc.width, enc.depth, enc.heads = 16, 1, 2
-    cfg.model.image.patch_size = 8
-    cfg.model.video.heads = 2
-    cfg.model.bridge.embed_dim = 8
-    return cfg
 
 
 def make_model(modalities: list[str] = MODALITIES, cfg: Config | None = None) -> CodeBridgeModel:

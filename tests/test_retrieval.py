@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from codebridge.config import Config, ConfigError
+from codebridge.config import ConfigError
 from codebridge.data.dataset import all_texts
 from codebridge.data.preprocess import Preprocessors, Tokenizer
 from codebridge.eval.retrieval import (
@@ -26,21 +26,15 @@ from codebridge.eval.retrieval import (
 )
 from codebridge.eval.run import TaskNotAvailable, evaluate, evaluate_model
 from codebridge.models.model import CodeBridgeModel
+from helpers import small_config
 
 torch.set_num_threads(1)
 
 
 def tiny_model(modalities: list[str], texts: list[str], root: Path | None = None) -> CodeBridgeModel:
     """An untrained model small enough to embed a few hundred 16x16 images in a second; ``root``: emoji data."""
-    cfg = Config()
+    cfg = small_config()
     cfg.data.root = None if root is None else str(root)
-    cfg.prep.image.size = 16
-    cfg.prep.audio.max_seconds = 0.5
-    cfg.prep.text.vocab_size = 300
-    for enc in (cfg.model.image, cfg.model.text, cfg.model.audio):
-        enc.width, enc.depth, enc.heads = 16, 1, 2
-    cfg.model.image.patch_size = 8
-    cfg.model.bridge.embed_dim = 8
     cfg.eval.chunk_size = 7  # several chunks even on tiny data
     torch.manual_seed(0)
     return CodeBridgeModel(cfg, modalities, Preprocessors(cfg.prep, Tokenizer.train(texts, cfg.prep.text)))
