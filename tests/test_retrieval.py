@@ -52,13 +52,13 @@ def write_jsonl(folder: Path, rows: list[dict]) -> Path:
 
 
 def reference_ranks(query: torch.Tensor, gallery: torch.Tensor, positives: torch.Tensor) -> list[int]:
-    """Sort the whole score matrix; among equal scores put correct items first (ties favour the query)."""
+    """Sort the whole score matrix; among equal scores put wrong items first (ties count against the query)."""
     scores = (query.double() @ gallery.double().T).numpy()
     correct = np.zeros(scores.shape, dtype=bool)
     correct[positives[:, 0].numpy(), positives[:, 1].numpy()] = True
     ranks = []
     for row, hits in zip(scores, correct, strict=True):
-        order = np.lexsort((~hits, -row))  # primary key: score descending; then correct before wrong
+        order = np.lexsort((hits, -row))  # primary key: score descending; then wrong before correct
         ranks.append(int(np.flatnonzero(hits[order])[0]) + 1)
     return ranks
 
@@ -119,20 +119,27 @@ def test_chunked_equals_unchunked(chunk_size: int) -> None:
     assert torch.equal(retrieval_ranks(images, texts, pairs, chunk_size=chunk_size), full)
 
 
-def test_ties_count_in_favour_of_the_query() -> None:
+def test_ties_with_wrong_items_count_against_the_query() -> None:
     # integer embeddings: scores are exact, so ties are real ties
     query = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     gallery = torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     positives = torch.tensor([[0, 1], [1, 0], [1, 1], [2, 4]])
     ranks = retrieval_ranks(query, gallery, positives, chunk_size=2)
-    # query 0: only item 2 scores higher (2 > 1); item 0 ties with its positive item 1 and does not count
-    # query 1: both positives tie (score 1), item 2 is higher; query 2: item 3 ties with positive item 4
-    assert ranks.tolist() == [2, 2, 1] == reference_ranks(query, gallery, positives)
+    # query 0: item 2 scores higher (2 > 1) and wrong item 0 ties with its positive item 1: both count
+    # query 1: both positives tie (score 1) and neither counts, item 2 is higher; query 2: item 3 ties with item 4
+    assert ranks.tolist() == [3, 2, 2] == reference_ranks(query, gallery, positives)
     # the rank does not depend on where the positive sits among its equals
     shuffled = torch.tensor([4, 3, 2, 1, 0])
     inverse = torch.argsort(shuffled)
     moved = torch.stack([positives[:, 0], inverse[positives[:, 1]]], dim=1)
-    assert retrieval_ranks(query, gallery[shuffled], moved).tolist() == [2, 2, 1]
+    assert retrieval_ranks(query, gallery[shuffled], moved).tolist() == [3, 2, 2]
+
+
+def test_collapsed_embeddings_rank_last_not_first() -> None:
+    # every item maps to the same embedding (a collapsed model): no query can be retrieved better than chance
+    query, gallery = torch.ones(50, 4), torch.ones(50, 4)
+    ranks = retrieval_ranks(query, gallery, torch.stack([torch.arange(50)] * 2, dim=1))
+    assert ranks.tolist() == [50] * 50
 
 
 def test_median_and_mean_rank() -> None:

@@ -1,8 +1,9 @@
 """Cross-modal retrieval metrics with OpenCLIP's names, computed in chunks of queries.
 
 A query may have several correct gallery items (COCO: an image and its five captions). Its rank is the 1-based
-rank of its best-scoring correct item: ``1 + (number of gallery items scoring strictly higher)``. Ties therefore
-count in the query's favour, and the result never depends on the order of the gallery. Only ``[chunk, Ng]``
+rank of its best-scoring correct item: ``1 + (number of wrong gallery items scoring at least as high)``. Ties with
+wrong items therefore count against the query: a collapsed model whose embeddings are all equal (sparse FDT features
+can tie exactly) ranks last, never first. The result never depends on the order of the gallery. Only ``[chunk, Ng]``
 scores exist at any time, so 100,000 x 100,000 retrieval fits in memory.
 """
 
@@ -62,11 +63,12 @@ def retrieval_ranks(query: Tensor, gallery: Tensor, positives: Tensor, chunk_siz
         end = min(start + chunk_size, len(query))
         scores = query[start:end].float() @ gallery.T  # [chunk, Ng]
         rows = pos_query[offsets[start] : offsets[end]] - start
-        best = scores.new_full((end - start,), -math.inf).scatter_reduce(
-            0, rows, scores[rows, pos_gallery[offsets[start] : offsets[end]]], reduce="amax"
-        )
+        positive_scores = scores[rows, pos_gallery[offsets[start] : offsets[end]]]
+        best = scores.new_full((end - start,), -math.inf).scatter_reduce(0, rows, positive_scores, reduce="amax")
+        tied_positives = torch.zeros_like(best).scatter_add_(0, rows, (positive_scores >= best[rows]).float())
         # in place, so the chunk is the only [chunk, Ng] buffer; a float32 count is exact below 2**24
-        ranks[start:end] = 1 + scores.gt_(best[:, None]).sum(dim=1).long()
+        at_least_best = scores.ge_(best[:, None]).sum(dim=1)
+        ranks[start:end] = (1 + at_least_best - tied_positives).long()
         del scores  # free this chunk before the next matmul allocates its own
     return ranks
 
