@@ -27,26 +27,35 @@ from codebridge.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# task -> (recipe suffix, [(suite written in the results, eval spec)])
-TASKS: dict[str, tuple[str, list[tuple[str, str]]]] = {
-    "style": ("", [("emoji-style", "emoji-style:test")]),
-    "concept": ("", [("emoji-concept", "emoji-concept:test")]),
-    "speech": ("-speech", [("emoji-voice", "emoji-voice:test")]),
-    "video": ("-video", [("emoji-clips", "emoji-clips:test")]),
+# task -> (recipe suffix, overrides of the recipe, [(suite written in the results, eval spec, eval task)])
+TASKS: dict[str, tuple[str, list[str], list[tuple[str, str, str]]]] = {
+    "style": ("", [], [("emoji-style", "emoji-style:test", "retrieval")]),
+    "concept": (
+        "",
+        ["data.train=emoji-concept:train", "data.val=emoji-concept:test"],
+        [("emoji-concept", "emoji-concept:test", "retrieval")],
+    ),
+    "speech": ("-speech", [], [("emoji-voice", "emoji-voice:test", "retrieval")]),
+    "video": ("-video", [], [("emoji-clips", "emoji-clips:test", "retrieval")]),
+    # scene captions average 23 tokens: a 32-token context keeps their later object words (docs/localization.md)
+    "scenes": (
+        "",
+        ["data.train=emoji-scenes:train", "data.val=emoji-scenes:test", "prep.text.context_length=32"],
+        [("emoji-scenes", "emoji-scenes:test", "localization"), ("emoji-scenes", "emoji-scenes:test", "retrieval")],
+    ),
 }
-CONCEPT_DATA = ["data.train=emoji-concept:train", "data.val=emoji-concept:test"]
 USAGE_PREFIXES = ("usage/", "fdt/", "codebook/", "agreement")
 
 
 def run_task(bridge: str, task: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    suffix, evals = TASKS[task]
+    suffix, task_overrides, evals = TASKS[task]
     out_dir = args.runs / f"{bridge}-{task}"
     overrides = [
         f"output_dir={out_dir}",
         f"train.max_minutes={args.minutes}",
         f"train.steps={args.steps}",
         "train.eval_every=0",
-        *(CONCEPT_DATA if task == "concept" else []),
+        *task_overrides,
         *args.set,
     ]
     cfg = load_config(ROOT / "configs" / f"emoji-{bridge}{suffix}.yaml", overrides)
@@ -54,11 +63,11 @@ def run_task(bridge: str, task: str, args: argparse.Namespace) -> dict[str, dict
     run_dir = train(cfg, resume="latest" if args.resume and (out_dir / "checkpoints").exists() else None)
     minutes = (time.perf_counter() - started) / 60
     results: dict[str, dict[str, float]] = {}
-    for suite, spec in evals:
-        metrics = evaluate(run_dir / "model", spec, "retrieval")
+    for suite, spec, eval_task in evals:
+        metrics = results.setdefault(suite, {})
+        metrics.update(evaluate(run_dir / "model", spec, eval_task))
         metrics["train_minutes"] = round(minutes, 2)
         metrics.update(last_usage(run_dir))
-        results[suite] = metrics
     return results
 
 
@@ -82,6 +91,9 @@ TABLE_METRICS = [
     ("emoji-voice", "audio_to_image_R@1"),
     ("emoji-clips", "video_to_text_R@1"),
     ("emoji-clips", "text_to_video_R@1"),
+    ("emoji-scenes", "pointing_game"),
+    ("emoji-scenes", "pointing_game_caption_map"),
+    ("emoji-scenes", "pointing_game_random"),
 ]
 
 

@@ -116,6 +116,19 @@ def test_csv_groups_captions_of_the_same_media(media: Path) -> None:
     assert red.key == "images/red.png" and red.audio is None and red.video is None
 
 
+def test_specs_joined_by_double_colon_are_concatenated_in_order(media: Path) -> None:
+    csv_spec = str(write_table(media / "train.csv", COCO_ROWS))
+    jsonl_spec = str(write_jsonl(media / "more.jsonl", [{"image": "images/red.png", "text": "scarlet"}]))
+    joined = open_source(f"{csv_spec}::{jsonl_spec}", DataConfig())
+    assert [s.texts for s in joined] == [
+        *(s.texts for s in open_source(csv_spec, DataConfig())),
+        *(s.texts for s in open_source(jsonl_spec, DataConfig())),
+    ]
+    assert joined[-1].source == f"{jsonl_spec}:1"
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        open_source(f"{csv_spec}::{media / 'missing.csv'}", DataConfig())
+
+
 def test_tsv_by_extension_and_separator_from_config(media: Path) -> None:
     rows = [r[:2] for r in COCO_ROWS]
     tsv = open_source(str(write_table(media / "data.tsv", rows, "\t")), DataConfig())
