@@ -67,8 +67,16 @@ def run_task(bridge: str, task: str, args: argparse.Namespace) -> dict[str, dict
         metrics = results.setdefault(suite, {})
         metrics.update(evaluate(run_dir / "model", spec, eval_task))
         metrics["train_minutes"] = round(minutes, 2)
+        metrics["train_steps"] = last_step(run_dir)
+        metrics["budget_minutes"] = args.minutes
         metrics.update(last_usage(run_dir))
     return results
+
+
+def last_step(run_dir: Path) -> int:
+    """Optimizer steps the run took (its last logged step)."""
+    steps = [json.loads(line).get("step", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return max(steps, default=0)
 
 
 def last_usage(run_dir: Path) -> dict[str, float]:
@@ -77,7 +85,7 @@ def last_usage(run_dir: Path) -> dict[str, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     for line in lines:
         record = json.loads(line)
-        for key, value in record.items():
+        for key, value in {**record, **record.get("usage", {})}.items():
             if key.startswith(USAGE_PREFIXES) and isinstance(value, (int, float)):
                 usage[key] = value
     return usage
@@ -99,11 +107,14 @@ TABLE_METRICS = [
 
 def write_table(results: dict, path: Path) -> None:
     bridges = [b for b in results if not b.startswith("_")]
+    meta = results["_meta"]
     lines = [
         "# Bridges on the emoji benchmark",
         "",
-        f"Budget per run: {results['_meta']['minutes']} min or {results['_meta']['steps']} steps on "
-        f"{results['_meta']['machine']}. Command: `{results['_meta']['command']}`",
+        f"One training run per bridge and task on {meta['machine']}; each cell's own budget, minutes and steps are",
+        "in bridges.json (`budget_minutes`, `train_minutes`, `train_steps`). Commands, in order:",
+        "",
+        *(f"- `{c}`" for c in meta["commands"]),
         "",
         "| suite | metric | " + " | ".join(bridges) + " |",
         "|---|---|" + "---|" * len(bridges),
@@ -130,12 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results["_meta"] = {
-        "minutes": args.minutes,
-        "steps": args.steps,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "command": "python benchmarks/bridges.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-    }
+    command = "python benchmarks/bridges.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    meta = results.setdefault("_meta", {})
+    meta["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    meta["commands"] = [c for c in meta.get("commands", []) if c != command] + [command]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for bridge in args.bridges:
         for task in args.tasks:
