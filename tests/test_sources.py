@@ -125,7 +125,7 @@ def test_specs_joined_by_double_colon_are_concatenated_in_order(media: Path) -> 
         *(s.texts for s in open_source(jsonl_spec, DataConfig())),
     ]
     assert joined[-1].source == f"{jsonl_spec}:1"
-    with pytest.raises(FileNotFoundError, match="missing.csv"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.csv"):
         open_source(f"{csv_spec}::{media / 'missing.csv'}", DataConfig())
 
 
