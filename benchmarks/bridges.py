@@ -91,10 +91,10 @@ def last_usage(run_dir: Path) -> dict[str, float]:
     return usage
 
 
+RECALLS = [f"{d}_R@{k}" for d in ("text_to_image", "image_to_text") for k in (1, 5, 10)]
 TABLE_METRICS = [
-    ("emoji-style", "text_to_image_R@1"),
-    ("emoji-style", "image_to_text_R@1"),
-    ("emoji-concept", "text_to_image_R@1"),
+    *(("emoji-style", m) for m in RECALLS),
+    *(("emoji-concept", m) for m in RECALLS),
     ("emoji-voice", "image_to_audio_R@1"),
     ("emoji-voice", "audio_to_image_R@1"),
     ("emoji-clips", "video_to_text_R@1"),
@@ -102,7 +102,21 @@ TABLE_METRICS = [
     ("emoji-scenes", "pointing_game"),
     ("emoji-scenes", "pointing_game_caption_map"),
     ("emoji-scenes", "pointing_game_random"),
+    # usage and cross-modal agreement logged at the end of training (docs/bridges-*.md)
+    ("emoji-style", "codebook/perplexity"),
+    ("emoji-style", "codebook/dead_fraction"),
+    ("emoji-style", "codebook/agreement"),
+    ("emoji-style", "fdt/image/active"),
+    ("emoji-style", "fdt/text/active"),
+    ("emoji-style", "fdt/agree/image-text"),
+    ("emoji-style", "train_steps"),
 ]
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.3f}"
 
 
 def write_table(results: dict, path: Path) -> None:
@@ -122,8 +136,7 @@ def write_table(results: dict, path: Path) -> None:
     for suite, metric in TABLE_METRICS:
         cells = []
         for b in bridges:
-            value = results[b].get(suite, {}).get(metric)
-            cells.append("n/a" if value is None else f"{value:.3f}")
+            cells.append(_cell(results[b].get(suite, {}).get(metric)))
         lines.append(f"| {suite} | {metric} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
