@@ -7,7 +7,7 @@ and the full-sort sparsemax. Lean: the chunked max-pool and the adaptive top-k s
 
 The sparsemax support decides how much work top-k and the sparse backward save, so the layer is measured in two
 regimes: ``init`` at the configured temperature (1000, the authors'), where N(0, 1) queries and tokens give a wide
-support, and ``sparse`` at temperature 1, a support of a few tokens as in the emoji recipes and after training.
+support, and ``sparse`` at temperature 1, a support of a few tokens as when a low temperature sharpens it.
 """
 
 from __future__ import annotations
