@@ -101,6 +101,7 @@ TABLE_METRICS = [
     ("emoji-clips", "text_to_video_R@1"),
     ("emoji-scenes", "pointing_game"),
     ("emoji-scenes", "pointing_game_caption_map"),
+    ("emoji-scenes", "pointing_game_contrastive"),
     ("emoji-scenes", "pointing_game_random"),
     # usage and cross-modal agreement logged at the end of training (docs/bridges-*.md)
     ("emoji-style", "codebook/perplexity"),

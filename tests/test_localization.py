@@ -13,6 +13,7 @@ from codebridge.eval.heatmap import frame_strip, heat_array, overlay, save_overl
 from codebridge.eval.localization import (
     box_fraction,
     code_affinity,
+    contrastive_map,
     encode_features,
     evaluate_localization,
     patch_boxes,
@@ -87,6 +88,19 @@ def test_random_baseline_is_the_mean_box_area_fraction() -> None:
     assert metrics["pointing_game_random_patches"] == pytest.approx((4 / 16 + 1 / 16 + 0) / 3)
     assert metrics["n_objects"] == 3
     assert box_fraction((10, 10, 5, 20), (64, 64)) == 0.0  # an empty box
+
+
+def test_contrastive_map_removes_the_saliency_every_word_shares() -> None:
+    # two objects: the caption's map (mean of its words) favours the salient left object for every word; the
+    # right object's word adds a smaller bump of its own on the right
+    saliency = torch.zeros(4, 4)
+    saliency[1, 0] = 2.0
+    right_word = saliency.clone()
+    right_word[1, 3] = 1.5
+    caption = (saliency + right_word) / 2
+    box_right = (48, 16, 64, 32)  # holds the centre (56, 24) of patch [1, 3] in a 64 x 64 image
+    assert pointing_hit(right_word, box_right, (64, 64)) == 0.0  # the raw word map points at the salient object
+    assert pointing_hit(contrastive_map(right_word, caption), box_right, (64, 64)) == 1.0
 
 
 def test_patch_boxes_cover_the_centre_square_the_model_sees() -> None:
@@ -210,7 +224,8 @@ def test_evaluate_localization_on_built_scenes(emoji_root: Path, bridge: str) ->
     assert metrics["n_objects_truncated"] == len(objects) - len(kept)
     expected = np.mean([box_fraction(o["box"], (128, 128)) for o in kept])
     assert metrics["pointing_game_random"] == pytest.approx(expected)
-    for key in ("pointing_game", "pointing_game_caption_map", "pointing_game_random_patches"):
+    keys = ("pointing_game", "pointing_game_caption_map", "pointing_game_contrastive", "pointing_game_random_patches")
+    for key in keys:
         assert 0.0 <= metrics[key] <= 1.0
 
 

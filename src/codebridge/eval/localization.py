@@ -217,6 +217,14 @@ def word_map(sim: Tensor, positions: Sequence[int]) -> Tensor:
     return sim[list(positions)].mean(0)
 
 
+def contrastive_map(word: Tensor, caption: Tensor) -> Tensor:
+    """The word's map minus its caption's: where this word points *more than the caption as a whole does*.
+
+    Text tokens are contextualised, so every word's map carries the caption's saliency (objects over background);
+    the difference removes that shared part and keeps what is specific to the word."""
+    return word - caption
+
+
 def content_positions(mask: Tensor) -> list[int]:
     """Positions of a caption's real tokens between <sot> and <eot> (``mask`` [L] of one caption)."""
     return list(range(1, int(mask.sum()) - 1))
@@ -267,9 +275,10 @@ def evaluate_scenes(model: CodeBridgeModel, samples: list[Sample], batch_size: i
 
     ``pointing_game_caption_map`` is a word-blind control: the same game with every object given the map of its
     whole caption. It is far above ``pointing_game_random`` whenever a map merely prefers objects to background;
-    only word maps that beat it localize *the named* object.
+    only word maps that beat it localize *the named* object. ``pointing_game_contrastive`` plays with
+    ``contrastive_map`` (word minus caption).
     """
-    heats, controls, boxes, sizes, truncated = [], [], [], [], 0
+    heats, controls, contrasts, boxes, sizes, truncated = [], [], [], [], [], 0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         images = [model.preprocessors.image.load(s.image) for s in chunk]
@@ -284,6 +293,7 @@ def evaluate_scenes(model: CodeBridgeModel, samples: list[Sample], batch_size: i
                     continue
                 heats.append(heat)
                 controls.append(found.caption)
+                contrasts.append(contrastive_map(heat, found.caption))
                 boxes.append(obj["box"])
                 sizes.append(img.size)
     if not heats:
@@ -294,6 +304,7 @@ def evaluate_scenes(model: CodeBridgeModel, samples: list[Sample], batch_size: i
     control = pointing_game(controls, boxes, sizes)["pointing_game"]
     return pointing_game(heats, boxes, sizes) | {
         "pointing_game_caption_map": control,
+        "pointing_game_contrastive": pointing_game(contrasts, boxes, sizes)["pointing_game"],
         "n_objects_truncated": float(truncated),
     }
 
