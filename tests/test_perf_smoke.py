@@ -103,7 +103,7 @@ def test_cuda_figures_sit_beside_the_cpu_ones(tiny_run, tmp_path):
     path.write_text(json.dumps(merged))
     again = perf.merge(path, {**cpu_only, "fdt_step_ratio": 2.0}, torch.device("cpu"))
     assert again["fdt_step_ratio"] == 2.0 and again["cuda"]["fdt_step_ratio"] == 1.01  # a CPU run keeps CUDA's
-    assert "| CPU | target | met | CUDA | target | met |" in perf.markdown(again)
+    assert "| figure | CPU | target | met | CUDA | what |" in perf.markdown(again)
 
 
 def test_peak_bytes_sees_a_freed_temporary_and_ignores_earlier_tensors():
