@@ -60,15 +60,21 @@ def run_task(bridge: str, task: str, args: argparse.Namespace) -> dict[str, dict
     ]
     cfg = load_config(ROOT / "configs" / f"emoji-{bridge}{suffix}.yaml", overrides)
     started = time.perf_counter()
-    run_dir = train(cfg, resume="latest" if args.resume and (out_dir / "checkpoints").exists() else None)
+    if args.eval_only:
+        run_dir = out_dir
+        if not (run_dir / "model").is_dir():
+            raise SystemExit(f"--eval-only: {run_dir / 'model'} does not exist; train it first (drop --eval-only)")
+    else:
+        run_dir = train(cfg, resume="latest" if args.resume and (out_dir / "checkpoints").exists() else None)
     minutes = (time.perf_counter() - started) / 60
     results: dict[str, dict[str, float]] = {}
     for suite, spec, eval_task in evals:
         metrics = results.setdefault(suite, {})
         metrics.update(evaluate(run_dir / "model", spec, eval_task))
-        metrics["train_minutes"] = round(minutes, 2)
+        if not args.eval_only:  # re-evaluation keeps the training figures already in the results
+            metrics["train_minutes"] = round(minutes, 2)
+            metrics["budget_minutes"] = args.minutes
         metrics["train_steps"] = last_step(run_dir)
-        metrics["budget_minutes"] = args.minutes
         metrics.update(last_usage(run_dir))
     return results
 
@@ -102,6 +108,8 @@ TABLE_METRICS = [
     ("emoji-scenes", "pointing_game"),
     ("emoji-scenes", "pointing_game_caption_map"),
     ("emoji-scenes", "pointing_game_contrastive"),
+    ("emoji-scenes", "pointing_game_phrase"),
+    ("emoji-scenes", "pointing_game_windows"),
     ("emoji-scenes", "pointing_game_random"),
     # usage and cross-modal agreement logged at the end of training (docs/bridges-*.md)
     ("emoji-style", "codebook/perplexity"),
@@ -152,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bridges.json")
     parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
     parser.add_argument("--resume", action="store_true", help="resume interrupted runs instead of restarting")
+    parser.add_argument(
+        "--eval-only", action="store_true", help="evaluate the models already in --runs again, without training"
+    )
     args = parser.parse_args(argv)
 
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -162,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for bridge in args.bridges:
         for task in args.tasks:
-            results.setdefault(bridge, {}).update(run_task(bridge, task, args))
+            for suite, metrics in run_task(bridge, task, args).items():
+                results.setdefault(bridge, {}).setdefault(suite, {}).update(metrics)
             args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
             write_table(results, args.out.with_suffix(".md"))
     print(args.out.with_suffix(".md").read_text())

@@ -36,5 +36,7 @@ def test_demo_runs_end_to_end(emoji_root, tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "<img" in html and "emoji-fdt" in html
     assert (out / "model" / "model.safetensors").is_file()
-    assert (out / "analysis" / "localization_scene.png").is_file()
-    assert json.loads((out / "eval" / "localization.json").read_text())["n_objects"] > 0
+    for name in ("localization_scene.png", "localization_scene_windows.png"):
+        assert (out / "analysis" / name).is_file() and name in html
+    localization = json.loads((out / "eval" / "localization.json").read_text())
+    assert localization["n_objects"] > 0 and 0.0 <= localization["pointing_game_windows"] <= 1.0

@@ -11,19 +11,23 @@ from codebridge.data.emoji.suites import load_suite
 from codebridge.data.preprocess import Preprocessors, Tokenizer
 from codebridge.eval.heatmap import frame_strip, heat_array, overlay, save_overlay
 from codebridge.eval.localization import (
-    box_fraction,
     code_affinity,
     contrastive_map,
     encode_features,
-    evaluate_localization,
     patch_boxes,
+    position_similarity,
+    word_positions,
+)
+from codebridge.eval.pointing import (
+    box_fraction,
+    evaluate_localization,
+    phrase_maps,
     pointing_game,
     pointing_hit,
-    position_similarity,
     tied_hit,
-    word_positions,
     zoom_target,
 )
+from codebridge.eval.windows import window_boxes, window_crops, window_maps
 from codebridge.localize import localize_cli, speech_units
 from codebridge.models.model import CodeBridgeModel
 
@@ -224,9 +228,53 @@ def test_evaluate_localization_on_built_scenes(emoji_root: Path, bridge: str) ->
     assert metrics["n_objects_truncated"] == len(objects) - len(kept)
     expected = np.mean([box_fraction(o["box"], (128, 128)) for o in kept])
     assert metrics["pointing_game_random"] == pytest.approx(expected)
-    keys = ("pointing_game", "pointing_game_caption_map", "pointing_game_contrastive", "pointing_game_random_patches")
-    for key in keys:
+    keys = ("caption_map", "contrastive", "phrase", "windows", "random_patches")
+    for key in ("pointing_game", *(f"pointing_game_{k}" for k in keys)):
         assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_phrase_maps_encode_each_word_alone_and_keep_its_image(emoji_root: Path) -> None:
+    scenes = load_suite("emoji-scenes", "train", root=emoji_root)[:4]
+    model = tiny_model("fdt", [s.texts[0] for s in scenes])
+    images = [model.preprocessors.image.load(s.image) for s in scenes]
+    phrases = [[s.texts[0][slice(*o["span"])] for o in s.meta["objects"]] for s in scenes]
+    with torch.no_grad():
+        maps = phrase_maps(model, images, phrases)
+        for image, group, found in zip(images, phrases, maps, strict=True):
+            assert len(found) == len(group) > 1
+            for phrase, heat in zip(group, found, strict=True):  # reference: one phrase and its image at a time
+                text, pixels = encode_features(model, "text", [phrase]), encode_features(model, "image", [image])
+                sim = position_similarity(model, "text", text, "image", pixels)[0]
+                expected = sim[1 : int(text.mask[0].sum()) - 1].mean(0).view(4, 4)
+                torch.testing.assert_close(heat, expected)
+
+
+# ------------------------------------------------------------------------------------------------ windows
+def test_windows_are_centred_on_the_patches_and_padded_at_the_border() -> None:
+    boxes = window_boxes((60, 40), 2, 0.5)  # centre square x 10..50: patch centres (20, 10), (40, 10), ...
+    assert boxes == [(10, 0, 30, 20), (30, 0, 50, 20), (10, 20, 30, 40), (30, 20, 50, 40)]
+    corner = window_boxes((32, 32), 4, 0.5)[0]
+    assert corner == (-4, -4, 12, 12)
+    image = random_image(32, 32)
+    crops = window_crops(image, 4, 0.5, (255, 255, 255))
+    assert len(crops) == 16 and {c.size for c in crops} == {(16, 16)}
+    first = np.asarray(crops[0])
+    assert (first[:4] == 255).all() and (first[:, :4] == 255).all()  # outside the image: background
+    np.testing.assert_array_equal(first[4:, 4:], np.asarray(image)[:12, :12])
+    with pytest.raises(ValueError, match="must be in"):
+        window_boxes((32, 32), 4, 0.0)
+
+
+def test_window_maps_score_each_window_with_the_retrieval_similarity() -> None:
+    model = tiny_model("clip", CAPTIONS)
+    image = random_image(32, 32, seed=3)
+    crops = window_crops(image, 4, 0.5, tuple(model.cfg.prep.image.background))
+    windows = model.encode("image", crops)
+    queries = torch.cat([model.encode("text", CAPTIONS[:2]), windows[5:6]])
+    maps = window_maps(model, image, queries, 4, 0.5)
+    assert maps.shape == (3, 4, 4)
+    torch.testing.assert_close(maps.flatten(1), queries @ windows.T)
+    assert maps[2].flatten().argmax() == 5  # a window's own embedding points back at it
 
 
 def test_zoom_clips_are_scored_against_the_frames_where_the_object_is_large(emoji_root: Path) -> None:
@@ -302,3 +350,18 @@ def test_localize_cli_writes_panels_and_raw_maps(tmp_path: Path) -> None:
         localize_cli(tmp_path / "model", text="a dog", out=tmp_path / "x.png")
     with pytest.raises(ConfigError, match="cannot localize audio"):
         localize_cli(tmp_path / "model", image=tmp_path / "scene.png", audio=tmp_path / "scene.png")
+
+
+@pytest.mark.parametrize("method", ["phrases", "windows"])
+def test_localize_cli_maps_each_word_alone_with_phrases_and_windows(tmp_path: Path, method: str) -> None:
+    model = tiny_model("codebook", CAPTIONS)
+    model.save(tmp_path / "model")
+    random_image(40, 30).save(tmp_path / "scene.png")
+    result = localize_cli(
+        tmp_path / "model", image=tmp_path / "scene.png", text="a red apple", out=tmp_path / "h.png", method=method
+    )
+    assert result["maps"] == ["whole text", "a", "red", "apple"]
+    raw = json.loads(result["json"].read_text())
+    assert raw["method"] == method and np.asarray(raw["maps"][3]["map"]).shape == (4, 4)
+    with pytest.raises(ConfigError, match="--method tokens"):
+        localize_cli(tmp_path / "model", video=tmp_path / "scene.png", text="a", method=method)

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--train-data", default=None, help="linear-probe: spec to fit on (default SPEC with :train)")
     ev.add_argument("--label", default=None, help="zeroshot/linear-probe: label name (default: group and subgroup)")
     ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument(
+        "--window", type=float, default=0.25, help="localization: window side over image side (default 0.25)"
+    )
 
     loc = sub.add_parser(
         "localize",
@@ -118,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--audio", type=Path, help="speech file")
     loc.add_argument("--out", type=Path, default=Path("heat.png"), help="PNG to write (default heat.png)")
     loc.add_argument("--segments", type=int, default=4, help="audio: number of time segments to map (default 4)")
+    loc.add_argument(
+        "--method",
+        choices=["tokens", "phrases", "windows"],
+        default="tokens",
+        help="tokens: each word's tokens inside the whole text (default); phrases: each word encoded alone; "
+        "windows: each word's embedding against image crops centred on every patch (slower, sharpest on scenes; "
+        "docs/localization.md)",
+    )
+    loc.add_argument("--window", type=float, default=0.25, help="windows: crop side over the image side (default 0.25)")
 
     report = sub.add_parser(
         "report",
@@ -199,6 +211,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         train_spec=args.train_data,
         label=args.label,
         batch_size=args.batch_size,
+        window=args.window,
     )
     text = json.dumps(metrics, indent=2)
     if args.out:
@@ -219,6 +232,8 @@ def _cmd_localize(args: argparse.Namespace) -> int:
         video=args.video,
         out=args.out,
         segments=args.segments,
+        method=args.method,
+        window=args.window,
     )
     print(f"heatmaps: {result['png']}\nraw maps: {result['json']}")
     if result["skipped"]:

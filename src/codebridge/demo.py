@@ -66,15 +66,22 @@ def run_demo(
             summary[task] = f"not available: {exc}"
             continue
         (eval_dir / name).write_text(json.dumps(metrics, indent=2))
-        summary.update({k: v for k, v in metrics.items() if k.endswith(("R@1", "top1", "pointing_game"))})
+        summary.update(
+            {k: v for k, v in metrics.items() if k.endswith(("R@1", "top1", "pointing_game", "pointing_game_windows"))}
+        )
     for key, value in summary.items():
         print(f"    {key}: {value:.3f}" if isinstance(value, float) else f"    {key}: {value}")
 
     scene = open_source("emoji-scenes:test", cfg.data)[0]
-    heat = localize_cli(
-        run_dir / "model", image=scene.image, text=scene.texts[0], out=analysis / "localization_scene.png"
-    )
-    print(f"    heatmaps for {scene.texts[0]!r}: {heat['png']}")
+    for method, suffix in (("tokens", ""), ("windows", "_windows")):
+        heat = localize_cli(
+            run_dir / "model",
+            image=scene.image,
+            text=scene.texts[0],
+            out=analysis / f"localization_scene{suffix}.png",
+            method=method,
+        )
+        print(f"    heatmaps ({method}) for {scene.texts[0]!r}: {heat['png']}")
 
     report = build_report(run_dir)
     print(f"[4/4] done in {(time.perf_counter() - started) / 60:.1f} min")

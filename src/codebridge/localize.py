@@ -5,6 +5,10 @@ What is looked *for* is a text (one map per word, plus the whole text) or a spee
 equal time segments of it, since speech has no word boundaries); what is looked *in* is an image (patch
 heatmaps) or a video (a score strip under its sampled frames). How each bridge scores positions is in
 eval/localization.py and docs/localization.md.
+
+Three methods: ``tokens`` (default) reads each word's tokens inside the whole text, so the words carry their
+context; ``phrases`` encodes each word as a text of its own; ``windows`` scores the retrieval similarity of each
+word (or the whole utterance) with image crops centred on each patch (eval/windows.py). The last two need an image.
 """
 
 from __future__ import annotations
@@ -29,11 +33,15 @@ from codebridge.eval.localization import (
     word_map,
     word_positions,
 )
+from codebridge.eval.pointing import phrase_maps
+from codebridge.eval.windows import DEFAULT_WINDOW, model_grid, window_maps
 
 if TYPE_CHECKING:
     from codebridge.models.model import CodeBridgeModel
 
 Units = list[tuple[str, list[int]]]  # (label, query positions)
+Maps = list[tuple[str, torch.Tensor]]  # (label, [G, G] or [T] map)
+METHODS = ("tokens", "phrases", "windows")
 
 
 def text_units(model: CodeBridgeModel, text: str, mask: torch.Tensor) -> tuple[Units, list[str]]:
@@ -75,6 +83,26 @@ def query_maps(
     return [(label, word_map(sim, positions).view(shape)) for label, positions in units if positions], skipped
 
 
+def separate_maps(
+    model: CodeBridgeModel, method: str, query: str, query_item: Any, image_item: Any, window: float
+) -> Maps:
+    """``phrases`` or ``windows`` maps [G, G] over an image: the whole text and each word encoded on its own (or,
+    for windows with speech, the whole utterance)."""
+    if query == "audio" and method == "phrases":
+        raise ConfigError("--method phrases needs --text; for speech use tokens or windows")
+    image = model.preprocessors.image.load(image_item)
+    if query == "text":
+        labels, items = ["whole text", *query_item.split()], [query_item, *query_item.split()]
+    else:
+        labels, items = ["whole speech"], [query_item]
+    with inference(model):
+        if method == "phrases":
+            maps = phrase_maps(model, [image], [items])[0]
+        else:
+            maps = list(window_maps(model, image, model.encode(query, items), model_grid(model), window))
+    return list(zip(labels, maps, strict=True))
+
+
 def _pair(image: Any, text: Any, audio: Any, video: Any) -> tuple[str, Any, str, Any]:
     queries = {m: v for m, v in (("text", text), ("audio", audio)) if v is not None}
     targets = {m: v for m, v in (("image", image), ("video", video)) if v is not None}
@@ -98,19 +126,31 @@ def localize_cli(
     video: str | Path | None = None,
     out: str | Path = "heat.png",
     segments: int = 4,
+    method: str = "tokens",
+    window: float = DEFAULT_WINDOW,
 ) -> dict[str, Any]:
     """Load the model, localize the query in the target and write ``out`` (PNG panels) and ``out`` with suffix
-    .json (the raw maps). Returns {"png", "json", "maps": [labels], "skipped": [words past the context]}."""
+    .json (the raw maps). Returns {"png", "json", "maps": [labels], "skipped": [words past the context]}.
+
+    ``method``: tokens, phrases or windows (module docstring); ``window``: the windows' side over the image side.
+    """
     import codebridge
 
+    if method not in METHODS:
+        raise ConfigError(f"unknown localization method {method!r}; choose one of {', '.join(METHODS)}")
     query, query_item, target, target_item = _pair(image, text, audio, video)
+    if method != "tokens" and target != "image":
+        raise ConfigError(f"--method {method} localizes in an image; for --video use --method tokens")
     query_item = str(query_item)
     model = codebridge.load(model_dir)
     if query not in model.modalities or target not in model.modalities:
         raise ConfigError(
             f"{model_dir}: this model has {', '.join(model.modalities)}; it cannot localize {query} in {target}"
         )
-    maps, skipped = query_maps(model, query, query_item, target, str(target_item), segments)
+    if method == "tokens":
+        maps, skipped = query_maps(model, query, query_item, target, str(target_item), segments)
+    else:
+        maps, skipped = separate_maps(model, method, query, query_item, str(target_item), window), []
     if target == "image":
         picture = model.preprocessors.image.load(str(target_item))
         panels = [("input", picture)] + [(label, overlay(picture, heat)) for label, heat in maps]
@@ -125,6 +165,7 @@ def localize_cli(
     record = {
         "query": query,
         "target": target,
+        "method": method,
         "skipped": skipped,
         "maps": [{"label": k, "map": v.tolist()} for k, v in maps],
     }

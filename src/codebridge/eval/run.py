@@ -22,8 +22,9 @@ from codebridge.data.sources import open_source, source_kind
 from codebridge.eval.codes import emoji_concept_groups, evaluate_codes
 from codebridge.eval.embed import embed_dataset, embed_items, matching_pairs
 from codebridge.eval.linear_probe import linear_probe
-from codebridge.eval.localization import evaluate_localization
+from codebridge.eval.pointing import evaluate_localization
 from codebridge.eval.retrieval import bidirectional_retrieval
+from codebridge.eval.windows import DEFAULT_WINDOW
 from codebridge.eval.zeroshot import build_classifier, names_from_meta, zeroshot_metrics
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class Job:
     label: str | None = None
     train_spec: str | None = None
     artifacts: Path | None = None
+    window: float = DEFAULT_WINDOW
 
     def present(self, samples: list[Sample] | None = None) -> list[str]:
         """The model's modalities that every sample has."""
@@ -157,7 +159,7 @@ def run_linear_probe(job: Job) -> Metrics:
 
 def run_localization(job: Job) -> Metrics:
     """Pointing game on scenes (and the zoom-clip frame check); see docs/localization.md."""
-    return evaluate_localization(job.model, job.samples, job.batch_size)
+    return evaluate_localization(job.model, job.samples, job.batch_size, job.window)
 
 
 def run_codes(job: Job) -> Metrics:
@@ -184,10 +186,12 @@ def evaluate_model(
     batch_size: int = 256,
     data: DataConfig | None = None,
     artifacts: Path | None = None,
+    window: float = DEFAULT_WINDOW,
 ) -> Metrics:
     """Metrics of ``task`` for an in-memory model on ``spec`` (read with ``data``, default the model's config).
 
-    ``artifacts``: folder for figures and tables the task writes (code grids); None writes none.
+    ``artifacts``: folder for figures and tables the task writes (code grids); None writes none. ``window``:
+    localization's window side over the image side (``pointing_game_windows``).
 
     Runs on the model's device in eval mode without gradients; call it on one rank only.
     """
@@ -199,7 +203,7 @@ def evaluate_model(
     samples = open_source(spec, data)
     if not samples:
         raise ConfigError(f"{spec}: no samples to evaluate")
-    job = Job(model, spec, samples, data, batch_size, label, train_spec, artifacts)
+    job = Job(model, spec, samples, data, batch_size, label, train_spec, artifacts, window)
     with torch.no_grad():
         return TASKS[task](job)
 
@@ -212,6 +216,7 @@ def evaluate(
     label: str | None = None,
     batch_size: int = 256,
     artifacts: Path | None = None,
+    window: float = DEFAULT_WINDOW,
 ) -> Metrics:
     """``codebridge eval``: load the model folder (on a GPU when there is one) and evaluate it on ``spec``."""
     import codebridge
@@ -219,5 +224,5 @@ def evaluate(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = codebridge.load(model_dir).to(device)
     return evaluate_model(
-        model, spec, task, train_spec=train_spec, label=label, batch_size=batch_size, artifacts=artifacts
+        model, spec, task, train_spec=train_spec, label=label, batch_size=batch_size, artifacts=artifacts, window=window
     )
