@@ -252,3 +252,17 @@ def test_workers_give_the_same_batches_and_report_bad_samples(
     strict = build_loader(dataset(bad, prep), 4, True, 2, 2, drop_last=False)
     with pytest.raises(BadSampleError, match=r"data\.csv:5: image: cannot decode"):
         list(strict)
+
+
+def test_resuming_at_the_loader_position_skips_left_out_batches_without_replaying(
+    samples: list[Sample], prep: Preprocessors, tmp_path: Path
+) -> None:
+    bad = dataset(corrupt_copy(samples, tmp_path, 1), prep, skip_bad=True)
+    full = build_loader(bad, 1, False, 0, 0, drop_last=False)  # sample 1 alone is an all-bad batch: left out
+    stream = iter(full)
+    handed = [next(stream)["index"].item() for _ in range(3)]
+    assert handed == [0, 2, 3] and full.position == 4  # the left-out batch counts
+    resumed = build_loader(bad, 1, False, 0, 0, drop_last=False, start_step=full.position)
+    assert resumed.position == 4
+    rest = [batch["index"].item() for batch in resumed]
+    assert rest == list(range(4, COUNT)) and resumed.position == COUNT  # no replay of 3

@@ -239,6 +239,8 @@ class Loader:
     The first loop runs epoch ``start_step // len(loader)`` from batch ``start_step % len(loader)``: skipped
     batches are never decoded. ``epoch`` is the epoch of the latest loop. Bad samples (with ``skip_bad``) are
     recorded in ``dataset.bad`` in this process, whichever worker met them; a batch of only bad samples is left out.
+    ``position`` counts the batches consumed since step 0, left-out ones included: the ``start_step`` that resumes
+    right after the last batch handed out.
     """
 
     def __init__(self, dataset: SampleDataset, batches: EpochBatches, num_workers: int, start_step: int) -> None:
@@ -246,6 +248,7 @@ class Loader:
         self._batches = batches
         self._next_epoch, self._first = divmod(start_step, len(batches))
         self.epoch = self._next_epoch
+        self.position = start_step
         self._loader = DataLoader(
             _EpochItems(dataset),
             batch_sampler=batches,
@@ -270,6 +273,7 @@ class Loader:
                 if not self.dataset.skip_bad:
                     raise BadSampleError(item.source, item.reason)
                 self.dataset.record_bad(item.source, item.reason)
+            self.position += 1
             if batch is not None:
                 yield batch
 

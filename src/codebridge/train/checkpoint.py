@@ -47,7 +47,7 @@ class TrainState:
     """Where training stands after ``step`` optimizer steps; enough to continue the data stream exactly."""
 
     step: int = 0  # optimizer steps done
-    batches: int = 0  # micro-batches this rank has consumed since the start (the loader's ``start_step``)
+    batches: int = 0  # loader batches consumed since the start, all-bad ones included (the loader's ``start_step``)
     epoch: int = 0  # for the logs; the loader derives it from ``batches``
     samples_seen: int = 0  # over all ranks
     world_size: int = 1

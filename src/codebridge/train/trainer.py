@@ -232,7 +232,7 @@ class Trainer:
         losses, parts, samples = [], defaultdict(float), 0
         for _ in range(cfg.accum_steps):
             batch = to_device(next(batches), self.device)
-            self.state.batches += 1
+            self.state.batches = self.loader.position  # counts all-bad batches the loader left out
             samples += len(batch["index"])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 loss, micro_parts = self.model.loss(batch, self.state.step)
