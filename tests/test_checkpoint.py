@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,16 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
     assert optimizer2.param_groups[0]["betas"] == CFG.betas
     assert scheduler2.state_dict() == scheduler.state_dict()
+
+
+def test_each_rank_resumes_at_its_own_data_position(tmp_path: Path) -> None:
+    net, optimizer, scheduler = build()
+    path = save(tmp_path, 2, net, optimizer, scheduler)
+    assert json.loads((path / "data" / "rank_0.json").read_text()) == {"batches": 4}
+    (path / "data" / "rank_0.json").write_text('{"batches": 5}')  # this rank left out one all-bad batch
+    assert load_checkpoint(path, *build()).batches == 5
+    shutil.rmtree(path / "data")  # a checkpoint from before per-rank positions: rank 0's from trainer.json
+    assert load_checkpoint(path, *build()).batches == 4
 
 
 def test_files_are_pickle_free(tmp_path: Path) -> None:

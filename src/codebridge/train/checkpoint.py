@@ -5,8 +5,9 @@ Layout of one checkpoint::
     model.safetensors       parameters and buffers
     optimizer.safetensors   every tensor of the optimizer state ("<param index>.<name>")
     optimizer.json          param groups and non-tensor state
-    trainer.json            step, data position, scheduler state, world size
+    trainer.json            step, data position (rank 0), scheduler state, world size
     rng/rank_<r>.json       Python/NumPy/torch/CUDA generator states of rank r
+    data/rank_<r>.json      the data position of rank r (ranks can differ when data.skip_bad leaves batches out)
     tokenizer/              the BPE tokenizer (text runs)
 
 Everything is written into ``.tmp_step_000200`` and renamed when complete; ``latest`` is replaced (atomically)
@@ -105,8 +106,10 @@ def save_checkpoint(
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
+        (tmp / "data").mkdir()
     barrier()
     _write_json(tmp / "rng" / f"rank_{rank()}.json", capture_rng())
+    _write_json(tmp / "data" / f"rank_{rank()}.json", {"batches": state.batches})
     barrier()
     if rank() == 0:
         save_model(model, str(tmp / "model.safetensors"))
@@ -157,6 +160,9 @@ def load_checkpoint(
             f"{path} was written by {state.world_size} process(es) but this run has {world_size()}; "
             f"resume with the same torchrun --nproc_per_node so the data stream and RNG states line up"
         )
+    own_position = path / "data" / f"rank_{rank()}.json"
+    if own_position.is_file():  # checkpoints before per-rank positions hold rank 0's only
+        state.batches = json.loads(own_position.read_text())["batches"]
     load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
     _load_optimizer(optimizer, path)
     scheduler.load_state_dict(meta["scheduler"])
