@@ -1,8 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from codebridge.config import Config, ConfigError, ImageEncoderConfig
 from codebridge.models.encoders import ENCODERS
+from codebridge.models.encoders.layers import attend
 
 torch.set_num_threads(1)
 B, D = 3, 32
@@ -217,3 +219,18 @@ def test_every_encoder_gets_gradients():
         (summary * torch.randn_like(summary)).sum().backward()  # a plain sum of a LayerNorm output is constant
         missing = [n for n, p in enc.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
         assert not missing, f"{modality}: no gradient for {missing}"
+
+
+def test_cpu_attention_under_bf16_autocast_runs_in_fp32_and_returns_bf16() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8).bfloat16().requires_grad_() for _ in range(3))
+    allowed = torch.rand(2, 1, 1, 9) > 0.3
+    allowed[..., 0] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attend(q, k, v, allowed)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed).bfloat16()
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    y.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+    plain = torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
+    assert torch.equal(attend(*plain, None), F.scaled_dot_product_attention(*plain))  # fp32: untouched
