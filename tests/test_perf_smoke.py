@@ -124,3 +124,16 @@ def test_flop_count_of_a_sparse_product_counts_its_entries():
     sparse = torch.eye(8, 16).to_sparse()  # 8 entries
     assert count_flops(lambda: torch.mm(sparse, dense)) == 2 * 8 * 3
     assert count_flops(lambda: sparse.to_dense() @ dense) == 2 * 8 * 16 * 3
+
+
+def test_bf16_step_benchmark_writes_both_precisions(tmp_path: Path) -> None:
+    import bf16_step
+
+    out = tmp_path / "bf16.json"
+    assert bf16_step.main(["--bridges", "clip", "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    clip = results["clip"]
+    assert clip["speedup"] == pytest.approx(clip["seconds"]["fp32"] / clip["seconds"]["bf16"])
+    assert len(clip["raw"]["fp32"]) == len(clip["raw"]["bf16"]) == 1
+    assert results["_meta"]["command"].startswith("python benchmarks/bf16_step.py")
+    assert "| clip |" in out.with_suffix(".md").read_text()
