@@ -1,4 +1,4 @@
-"""(d) Loader throughput: ``SampleDataset`` + ``build_loader`` over a data spec, with the decoded-input cache warm.
+"""(d) Loader throughput: ``training_loader`` (the trainer's own) over a data spec, decoded-input cache warm.
 
 The first epoch decodes every file and fills the cache; the second is timed. The loader settings (batch size,
 workers, cache, preprocessing with its train-time augmentation) are the recipe's, so the figure is what that
@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from codebridge.config import load_config
-from codebridge.data.dataset import SampleDataset, all_texts, build_loader
+from codebridge.data.dataset import all_texts, training_loader
 from codebridge.data.preprocess import Preprocessors, Tokenizer
 from codebridge.data.sources import open_source
 
@@ -28,17 +28,7 @@ def run_loader(recipe: str, overrides: list[str]) -> dict[str, Any]:
     cfg = load_config(recipe, overrides)
     samples = open_source(cfg.data.train, cfg.data)
     prep = Preprocessors(cfg.prep, Tokenizer.train(all_texts(samples), cfg.prep.text))
-    dataset = SampleDataset(
-        samples, cfg.data.modalities, prep, train=True, skip_bad=cfg.data.skip_bad, cache=cfg.data.cache, seed=cfg.seed
-    )
-    loader = build_loader(
-        dataset,
-        cfg.train.batch_size,
-        shuffle=True,
-        seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
-        drop_last=True,
-    )
+    loader = training_loader(cfg, samples, prep)
     cold_samples, cold_seconds = _epoch(loader)
     warm_samples, warm_seconds = _epoch(loader)
     return {

@@ -19,6 +19,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from codebridge.config import Config
 from codebridge.data.preprocess import Preprocessors
 from codebridge.data.sample import MODALITIES, BadSampleError, Sample
 
@@ -298,3 +299,27 @@ def build_loader(
             + "; lower train.batch_size or add data"
         )
     return Loader(dataset, batches, num_workers, start_step)
+
+
+def training_loader(
+    cfg: Config, samples: list[Sample], prep: Preprocessors, rank: int = 0, world_size: int = 1, start_step: int = 0
+) -> Loader:
+    """The loader a training run uses (augmented, cached, shuffled, full batches), from the run's config.
+
+    Why here: the trainer and the loader benchmark must measure the same loader.
+    """
+    data = cfg.data
+    dataset = SampleDataset(
+        samples, data.modalities, prep, train=True, skip_bad=data.skip_bad, cache=data.cache, seed=cfg.seed
+    )
+    return build_loader(
+        dataset,
+        cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        num_workers=data.num_workers,
+        drop_last=True,
+        rank=rank,
+        world_size=world_size,
+        start_step=start_step,
+    )

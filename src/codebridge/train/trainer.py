@@ -99,7 +99,7 @@ class Trainer:
     """Builds everything a run needs once, then ``run()`` loops over steps; one instance per run."""
 
     def __init__(self, cfg: Config, device: torch.device, resume: str | None) -> None:
-        from codebridge.data.dataset import SampleDataset, build_loader
+        from codebridge.data.dataset import training_loader
         from codebridge.data.preprocess import Preprocessors
         from codebridge.data.sources import open_source
         from codebridge.models.model import CodeBridgeModel
@@ -124,26 +124,7 @@ class Trainer:
         self.state = TrainState(world_size=world_size())
         if self.checkpoint is not None:
             self.state = load_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler)
-        dataset = SampleDataset(
-            samples,
-            cfg.data.modalities,
-            prep,
-            train=True,
-            skip_bad=cfg.data.skip_bad,
-            cache=cfg.data.cache,
-            seed=cfg.seed,
-        )
-        self.loader = build_loader(
-            dataset,
-            cfg.train.batch_size,
-            shuffle=True,
-            seed=cfg.seed,
-            num_workers=cfg.data.num_workers,
-            drop_last=True,
-            rank=rank(),
-            world_size=world_size(),
-            start_step=self.state.batches,
-        )
+        self.loader = training_loader(cfg, samples, prep, rank(), world_size(), self.state.batches)
         self.log = RunLog(self.run_dir, enabled=rank() == 0, start_step=self.state.step)
         self.last_saved = self.checkpoint
         if self.checkpoint is not None:
