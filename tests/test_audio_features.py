@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from pathlib import Path
@@ -123,3 +124,17 @@ def test_crop_start_at_eval_random_window_at_train() -> None:
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     short = proc(wave[:4000], train=True, generator=torch.Generator().manual_seed(0))
     assert short.shape == (4000 // 160 + 1, 40)  # shorter clips are not padded here (collate pads)
+
+
+def test_utterance_normalisation_matches_a_per_channel_reference_and_removes_gain() -> None:
+    prep = dataclasses.replace(PREP, normalize="utterance")
+    wave = torch.from_numpy(np.random.default_rng(0).normal(0, 0.1, 12000).astype(np.float32))
+    mel = AudioProcessor(prep)(wave, train=False)
+    raw = log_mel(wave, PREP).double().numpy()
+    ref = (raw - raw.mean(axis=0)) / raw.std(axis=0)
+    np.testing.assert_allclose(mel.double().numpy(), ref, atol=1e-4)
+    louder = AudioProcessor(prep)(4 * wave, train=False)  # a gain is a constant shift in every log-mel channel
+    torch.testing.assert_close(louder, mel, atol=1e-3, rtol=0)
+    assert not torch.allclose(AudioProcessor(PREP)(4 * wave, train=False), AudioProcessor(PREP)(wave, train=False))
+    silence = AudioProcessor(prep)(torch.zeros(8000), train=False)
+    assert silence.shape == (51, 40) and silence.abs().max() < 1e-3  # constant channels: no amplified float noise

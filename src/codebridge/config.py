@@ -49,6 +49,7 @@ class AudioPrep:
     n_fft: int = 400  # 25 ms at 16 kHz
     hop_length: int = 160  # 10 ms at 16 kHz
     max_seconds: float = 2.0
+    normalize: Literal["none", "utterance"] = "none"  # utterance: each mel channel to zero mean, unit variance per clip
 
 
 @dataclass

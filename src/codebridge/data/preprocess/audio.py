@@ -16,6 +16,7 @@ from codebridge.config import AudioPrep
 from codebridge.data.preprocess.source import Source, as_file, describe
 
 LOG_EPS = 1e-6
+NORM_EPS = 1e-2  # std floor of utterance normalisation (log units): a constant channel's float noise stays ~0
 ZERO_CROSSINGS = 16  # half-width of the resampling kernel, in zero crossings of its sinc
 ROLLOFF = 0.95  # lowpass cutoff as a fraction of the lower Nyquist frequency
 MAX_GAIN_DB = 6.0  # train-time random gain range (+-)
@@ -81,6 +82,14 @@ def log_mel(wave: torch.Tensor, prep: AudioPrep) -> torch.Tensor:
     return torch.log(mel[:frames] + LOG_EPS)
 
 
+def normalize_utterance(mel: torch.Tensor) -> torch.Tensor:
+    """[F, n_mels] -> each channel at zero mean and unit variance over the clip's frames (cepstral mean and
+    variance normalisation). Why: raw log-mel sits around -10 with a spread set by loudness and the recording,
+    which the encoder's first convolution would otherwise have to learn away; a constant channel becomes ~0."""
+    centred = mel - mel.mean(dim=0, keepdim=True)
+    return centred / centred.std(dim=0, unbiased=False, keepdim=True).clamp_min(NORM_EPS)
+
+
 class AudioProcessor:
     """Decode audio files and turn waveforms into log-mel features [F, n_mels], at most ``max_seconds`` long."""
 
@@ -99,7 +108,8 @@ class AudioProcessor:
         return resample(torch.from_numpy(data).mean(dim=1), rate, self.prep.sample_rate)
 
     def __call__(self, wave: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Crop to ``max_seconds`` (random window at train, the start at eval), random gain at train, log-mel."""
+        """Crop to ``max_seconds`` (random window at train, the start at eval), random gain at train, log-mel,
+        then ``prep.audio.normalize``."""
         start = 0
         if train and wave.numel() > self.max_samples:
             start = int(torch.randint(wave.numel() - self.max_samples + 1, (), generator=generator))
@@ -107,4 +117,5 @@ class AudioProcessor:
         if train:
             gain_db = MAX_GAIN_DB * (2 * torch.rand((), generator=generator).item() - 1)
             wave = wave * 10 ** (gain_db / 20)
-        return log_mel(wave, self.prep)
+        mel = log_mel(wave, self.prep)
+        return normalize_utterance(mel) if self.prep.normalize == "utterance" else mel
