@@ -15,34 +15,20 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from codebridge.config import load_config
-from codebridge.data.preprocess import Preprocessors
-from codebridge.models.model import CodeBridgeModel
-from codebridge.train.optim import WarmupCosine, build_optimizer
 from perf_measure import interleaved_times, machine, median
-from perf_step import MODALITIES, StepRun, synthetic_batch, tokenizer_for
+from perf_step import StepRun, build_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 BRIDGES = ("clip", "codebook", "fdt")
 
 
-def recipe_step(bridge: str) -> StepRun:
-    """A training step of ``configs/emoji-{bridge}.yaml`` on a synthetic batch of its batch size."""
-    cfg = load_config(ROOT / "configs" / f"emoji-{bridge}.yaml")
-    tokenizer = tokenizer_for(cfg)
-    torch.manual_seed(cfg.seed)
-    model = CodeBridgeModel(cfg, MODALITIES, Preprocessors(cfg.prep, tokenizer)).train()
-    optimizer = build_optimizer(model, cfg.train)
-    batch = synthetic_batch(cfg, tokenizer, cfg.train.batch_size, torch.device("cpu"))
-    return StepRun(model, optimizer, WarmupCosine(optimizer, cfg.train), batch, cfg.train.grad_clip)
-
-
-def in_bf16(step: StepRun) -> StepRun:
-    """The same step with the forward under CPU bf16 autocast, as ``train.precision=bf16`` runs it."""
+def in_bf16(step: StepRun) -> Callable[[], None]:
+    """The same step under CPU bf16 autocast; only the forward's ops are autocast, as ``train.precision=bf16``."""
 
     def run() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -67,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {}
     for bridge in args.bridges:
-        step = recipe_step(bridge)
+        step = build_runs(f"emoji-{bridge}", [], (bridge,), torch.device("cpu"))[bridge]  # the recipe as it is
         times = interleaved_times({"fp32": step, "bf16": in_bf16(step)}, torch.device("cpu"), args.repeats)
         seconds = {name: median(t) for name, t in times.items()}
         results[bridge] = {"seconds": seconds, "speedup": seconds["fp32"] / seconds["bf16"], "raw": times}
