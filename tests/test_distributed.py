@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from codebridge.data.preprocess import Preprocessors, Tokenizer
 from codebridge.distributed import all_reduce_mean
 from codebridge.models.model import CodeBridgeModel
 from codebridge.train import train
-from codebridge.train.parallel import average_gradients
+from codebridge.train.parallel import average_gradients, barrier, init_distributed
+from helpers import free_port
 from test_trainer import one_thread, shapes, tiny_config  # noqa: F401  (fixtures)
 
 BRIDGES = ("clip", "fdt")
@@ -114,3 +116,32 @@ def test_torchrun_matches_one_process_with_the_global_batch(shapes: dict[str, Pa
     a, b = load_file(single / "model" / "model.safetensors"), load_file(double / "model" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def _frozen_rank_worker(rank: int, port: int, out: Path) -> None:
+    """Rank 1 stops answering after the first barrier; rank 0 times how long its next barrier waits."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    init_distributed(timeout_minutes=0.1)
+    barrier()
+    if rank == 1:
+        deadline = time.monotonic() + 120
+        while not (out / "rank0.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os._exit(0)  # no goodbye: the process group of a frozen run cannot be shut down cleanly
+    start = time.monotonic()
+    try:
+        barrier()
+        error = ""
+    except RuntimeError as exc:
+        error = str(exc)
+    (out / "rank0.json").write_text(json.dumps({"seconds": time.monotonic() - start, "error": error}))
+    os._exit(0)
+
+
+def test_dist_timeout_bounds_the_wait_for_a_frozen_rank(tmp_path: Path) -> None:
+    """train.dist_timeout_minutes reaches the process group: 6 s, not the former fixed 30 minutes."""
+    mp.spawn(_frozen_rank_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["error"], "the barrier with a frozen rank returned"
+    assert 4 < result["seconds"] < 60, result

@@ -185,6 +185,31 @@ def test_load_rejects_an_incompatible_config(model, tmp_path):
         CodeBridgeModel.load(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("heads", 3, r"config\.model\.image\.heads=3 must divide config\.model\.image\.width=16"),
+        ("depth", -1, r"config\.model\.image\.depth: -1 is out of range; expected an integer >= 1"),
+    ],
+)
+def test_load_names_a_wrong_value_in_config_json(model, tmp_path, field, value, needle):
+    model.save(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["config"]["model"]["image"][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=rf"config\.json: {needle}.*; the file was edited or comes from another"):
+        CodeBridgeModel.load(tmp_path)
+
+
+def test_load_blames_an_edited_config_json_that_no_longer_fits_the_weights(model, tmp_path):
+    model.save(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["config"]["model"]["image"]["depth"] += 1  # a valid value, but not the one the weights were trained with
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"does not fit .*config\.json \(missing .*config\.json was edited"):
+        CodeBridgeModel.load(tmp_path)
+
+
 def test_load_rejects_weights_of_another_model(tmp_path):
     make_model(["image", "text"]).save(tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())

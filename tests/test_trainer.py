@@ -203,5 +203,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 
 
 def test_bad_train_settings_name_the_field(shapes: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"train\.accum_steps=0"):
-        train(tiny_config(shapes, tmp_path / "run", "train.accum_steps=0"))
+    cfg = tiny_config(shapes, tmp_path / "run")
+    cfg.train.accum_steps = 0  # changed in Python after loading: train() validates again before writing anything
+    with pytest.raises(ConfigError, match=r"train\.accum_steps: 0 is out of range; expected an integer >= 1"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -2,12 +2,21 @@
 
 Every field has a type and a default; an unknown key or a value of the wrong type is an error that
 names the full dotted path of the field and what it accepts, so a typo never silently does nothing.
+
+The rules live on the dataclasses, so a config defined in any module (a bridge's, an encoder's) is validated the
+same way by ``from_dict``:
+- a numeric field states its range with ``num(default, ge=..., gt=..., le=..., lt=...)``; floats must also be
+  finite (``finite=False`` allows NaN/inf); for tuples and lists the range holds for every element;
+- rules between fields are a ``check(self) -> list[str]`` method returning the broken rules as messages that name
+  fields in braces (``"{heads} must divide {width}"``); ``from_dict`` fills in the full dotted path and value.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,41 +30,100 @@ class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names the field and what is allowed."""
 
 
+class OutOfRange(ConfigError):
+    """A value of the right type outside its field's range (not retried against other members of a union)."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric field: bounds (None: open) and whether NaN/inf are allowed."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    finite: bool = True
+
+    def admits(self, x: float) -> bool:
+        if isinstance(x, float) and not math.isfinite(x):
+            return not self.finite
+        return not (
+            (self.ge is not None and x < self.ge)
+            or (self.gt is not None and x <= self.gt)
+            or (self.le is not None and x > self.le)
+            or (self.lt is not None and x >= self.lt)
+        )
+
+    def describe(self, kind: str) -> str:
+        """E.g. "an integer >= 1", "a number >= 0 and < 1"."""
+        ops = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        bounds = [f"{op} {v:g}" if isinstance(v, float) else f"{op} {v}" for op, v in ops if v is not None]
+        return " and ".join([f"{kind} {bounds[0]}" if bounds else kind, *bounds[1:]])
+
+
+RANGE = "range"  # the metadata key of a field's Range
+FINITE = Range()  # every float field without a stated range
+
+
+def num(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    finite: bool = True,
+) -> Any:
+    """A dataclass field with a default and a range, e.g. ``depth: int = num(4, ge=1)``."""
+    return field(default=default, metadata={RANGE: Range(ge, gt, le, lt, finite)})
+
+
+def broken(rules: dict[str, bool]) -> list[str]:
+    """The messages of the rules that do not hold; ``check`` methods list their rules as message -> holds."""
+    return [message for message, holds in rules.items() if not holds]
+
+
+HEADS_DIVIDE_WIDTH = "{heads} must divide {width} (each head gets width / heads channels)"
+
+
 # ----------------------------------------------------------------------------------------------
 # Preprocessing (saved next to the weights so a loaded model preprocesses exactly like training)
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class ImagePrep:
-    size: int = 32
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited on this colour
+    size: int = num(32, ge=1)
+    mean: tuple[float, float, float] = num((0.5, 0.5, 0.5), ge=0, le=1)
+    std: tuple[float, float, float] = num((0.5, 0.5, 0.5), gt=0)
+    background: tuple[int, int, int] = num((255, 255, 255), ge=0, le=255)  # alpha is composited on this colour
     augment: bool = True  # train-time only: random resized crop, flip off (emoji are not mirror-symmetric), jitter
-    crop_scale: tuple[float, float] = (0.7, 1.0)
-    color_jitter: float = 0.2
+    crop_scale: tuple[float, float] = num((0.7, 1.0), gt=0, le=1)  # (min, max) area fraction of the random crop
+    color_jitter: float = num(0.2, ge=0)
+
+    def check(self) -> list[str]:
+        return broken({"{crop_scale} must be (min, max) with min <= max": self.crop_scale[0] <= self.crop_scale[1]})
 
 
 @dataclass
 class TextPrep:
-    context_length: int = 16
-    vocab_size: int = 2000
+    context_length: int = num(16, ge=2)  # <sot> and <eot> at least
+    vocab_size: int = num(2000, ge=260)  # the 256 bytes and 4 special tokens are always in the vocabulary
     lowercase: bool = True
 
 
 @dataclass
 class AudioPrep:
-    sample_rate: int = 16000
-    n_mels: int = 40
-    n_fft: int = 400  # 25 ms at 16 kHz
-    hop_length: int = 160  # 10 ms at 16 kHz
-    max_seconds: float = 2.0
+    sample_rate: int = num(16000, ge=1)
+    n_mels: int = num(40, ge=1)
+    n_fft: int = num(400, ge=1)  # 25 ms at 16 kHz
+    hop_length: int = num(160, ge=1)  # 10 ms at 16 kHz
+    max_seconds: float = num(2.0, gt=0)
     normalize: Literal["none", "utterance"] = "none"  # utterance: each mel channel to zero mean, unit variance per clip
 
 
 @dataclass
 class VideoPrep:
-    frames: int = 8  # T frames sampled uniformly over the clip
-    size: int = 32
+    frames: int = num(8, ge=1)  # T frames sampled uniformly over the clip
+    size: int = num(32, ge=1)
 
 
 @dataclass
@@ -76,7 +144,7 @@ class DataConfig:
     root: str | None = None  # built-in data location; default $CODEBRIDGE_HOME or ~/.cache/codebridge
     modalities: list[str] = field(default_factory=lambda: ["image", "text"])
     skip_bad: bool = False  # skip (and count, and log) unreadable samples instead of stopping
-    num_workers: int = 0
+    num_workers: int = num(0, ge=0)
     cache: bool = True  # keep decoded inputs in memory so later epochs skip decoding
     csv_image_key: str = "filepath"
     csv_caption_key: str = "title"
@@ -84,43 +152,68 @@ class DataConfig:
     csv_video_key: str = "video"
     csv_separator: str | None = None  # None: ',' for .csv, tab for .tsv
 
+    def check(self) -> list[str]:
+        return broken(
+            {
+                "{modalities} must name at least one modality, each once": len(set(self.modalities))
+                == len(self.modalities)
+                > 0,
+                "{csv_separator} must be one character (e.g. ',' or a tab) or null": self.csv_separator is None
+                or len(self.csv_separator) == 1,
+            }
+        )
+
 
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class ImageEncoderConfig:
-    patch_size: int = 4
-    width: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
+    patch_size: int = num(4, ge=1)
+    width: int = num(128, ge=1)
+    depth: int = num(4, ge=1)
+    heads: int = num(4, ge=1)
+    mlp_ratio: float = num(4.0, gt=0)
     freeze_patch_embed: bool = False  # FDT freezes the ViT patch embedding (conv1)
+
+    def check(self) -> list[str]:
+        return broken({HEADS_DIVIDE_WIDTH: self.width % self.heads == 0})
 
 
 @dataclass
 class TextEncoderConfig:
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
+    width: int = num(128, ge=1)
+    depth: int = num(2, ge=1)
+    heads: int = num(4, ge=1)
+    mlp_ratio: float = num(4.0, gt=0)
     causal: bool = False  # CLIP's text tower is causal and summarises at EOT; default: masked mean
+
+    def check(self) -> list[str]:
+        return broken({HEADS_DIVIDE_WIDTH: self.width % self.heads == 0})
 
 
 @dataclass
 class AudioEncoderConfig:
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    subsample: int = 4  # time reduction of the convolutional front end (2 stride-2 convs)
+    width: int = num(128, ge=1)
+    depth: int = num(2, ge=1)
+    heads: int = num(4, ge=1)
+    mlp_ratio: float = num(4.0, gt=0)
+    subsample: int = num(4, ge=1)  # time reduction of the convolutional front end (2 stride-2 convs)
     positions: Literal["sinusoidal", "learned"] = "sinusoidal"  # learned: a table sized for prep.audio.max_seconds
+
+    def check(self) -> list[str]:
+        return broken(
+            {
+                HEADS_DIVIDE_WIDTH: self.width % self.heads == 0,
+                "{subsample} must be a power of two (1, 2, 4, 8, ...)": self.subsample & (self.subsample - 1) == 0,
+            }
+        )
 
 
 @dataclass
 class VideoEncoderConfig:
-    temporal_depth: int = 1  # per-frame image encoder (ViT, own weights) + this many temporal layers
-    heads: int = 4
+    temporal_depth: int = num(1, ge=0)  # per-frame image encoder (ViT, own weights) + this many temporal layers
+    heads: int = num(4, ge=1)  # of the temporal layers, which run at model.image.width
 
 
 @dataclass
@@ -166,11 +259,11 @@ class FdtConfig:
 @dataclass
 class BridgeConfig:
     name: Literal["clip", "codebook", "fdt"] = "clip"
-    embed_dim: int = 128
-    init_logit_scale: float = 1 / 0.07
-    max_logit_scale: float = 100.0
+    embed_dim: int = num(128, ge=1)
+    init_logit_scale: float = num(1 / 0.07, gt=0)
+    max_logit_scale: float = num(100.0, gt=0)
     logit_scale_clamp: Literal["forward", "param"] = "forward"  # "param": clamp ln(scale) to [3, 6] (FDT)
-    margin: float = 0.0  # optional margin on the positive logit (masked margin softmax)
+    margin: float = num(0.0, ge=0)  # optional margin on the positive logit (masked margin softmax)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     fdt: FdtConfig = field(default_factory=FdtConfig)
 
@@ -183,51 +276,82 @@ class ModelConfig:
     video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
 
+    def check(self) -> list[str]:
+        return broken({"{video.heads} must divide {image.width}": self.image.width % self.video.heads == 0})
+
 
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    batch_size: int = 128  # per process
-    steps: int = 1000
-    max_minutes: float = 0.0  # >0: stop (and save) when this wall-clock budget is spent
-    lr: float = 1e-3
-    warmup_start_lr: float = 0.0  # FDT warms up from 1e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0: off
-    accum_steps: int = 1
+    batch_size: int = num(128, ge=1)  # per process
+    steps: int = num(1000, ge=1)
+    max_minutes: float = num(0.0, ge=0)  # >0: stop (and save) when this wall-clock budget is spent
+    lr: float = num(1e-3, gt=0)
+    warmup_start_lr: float = num(0.0, ge=0)  # FDT warms up from 1e-4
+    min_lr: float = num(0.0, ge=0)
+    warmup_steps: int = num(100, ge=0)
+    weight_decay: float = num(0.1, ge=0)
+    betas: tuple[float, float] = num((0.9, 0.98), ge=0, lt=1)
+    eps: float = num(1e-8, gt=0)
+    grad_clip: float = num(1.0, ge=0)  # 0: off
+    accum_steps: int = num(1, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
+    log_every: int = num(10, ge=1)
+    eval_every: int = num(0, ge=0)  # 0: only at the end
+    checkpoint_every: int = num(200, ge=0)  # 0: only at the end
+    keep_checkpoints: int = num(2, ge=0)  # 0: all
     progress: bool = True
+    dist_timeout_minutes: float = num(30.0, gt=0)  # torchrun: how long ranks wait for a frozen one (docs/training.md)
+
+    def check(self) -> list[str]:
+        return broken({"{min_lr} must not exceed {lr}": self.min_lr <= self.lr})
 
 
 @dataclass
 class EvalConfig:
-    chunk_size: int = 4096
+    chunk_size: int = num(4096, ge=1)
     zeroshot_templates: list[str] = field(
         default_factory=lambda: ["{}", "an emoji of {}", "a picture of {}", "an icon of {}"]
     )
-    linear_probe_c: float = 1.0  # inverse L2 strength of the probe's logistic regression (standardised features)
+    linear_probe_c: float = num(
+        1.0, gt=0
+    )  # inverse L2 strength of the probe's logistic regression (standardised features)
+
+    def check(self) -> list[str]:
+        return broken(
+            {
+                "{zeroshot_templates} must hold at least one template": bool(self.zeroshot_templates),
+                "{zeroshot_templates}: every template needs a '{}' where the class name goes": all(
+                    "{}" in t for t in self.zeroshot_templates
+                ),
+            }
+        )
 
 
 @dataclass
 class Config:
     name: str = "run"
     output_dir: str = "runs/run"
-    seed: int = 0
+    seed: int = num(0, ge=0, lt=2**64)
     data: DataConfig = field(default_factory=DataConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> list[str]:
+        """Rules across sections: the ViT's patches must tile the images and the video frames it encodes."""
+        patch = self.model.image.patch_size
+        return broken(
+            {
+                "{prep.image.size} must be a multiple of {model.image.patch_size}": "image" not in self.data.modalities
+                or self.prep.image.size % patch == 0,
+                "{prep.video.size} must be a multiple of {model.image.patch_size}": "video" not in self.data.modalities
+                or self.prep.video.size % patch == 0,
+            }
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,8 +375,8 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted (int->float, list->tuple)."""
+def _coerce(value: Any, tp: Any, path: str, rng: Range | None = None) -> Any:
+    """Check ``value`` against the annotation ``tp`` (numbers also against ``rng``); return it converted."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -265,7 +389,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
-                return _coerce(value, option, path)
+                return _coerce(value, option, path, rng)
+            except OutOfRange:
+                raise
             except ConfigError:
                 continue
         raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r}")
@@ -277,12 +403,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r}")
         (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{path}[{i}]", rng) for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path}: expected {_describe(tp)} ({len(args)} values), got {value!r}")
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(_coerce(v, a, f"{path}[{i}]", rng) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
@@ -290,14 +416,14 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
+        return _in_range(value, rng, "an integer", path)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             with contextlib.suppress(ValueError):
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        return _in_range(float(value), rng or FINITE, "a number", path)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -305,16 +431,50 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported field type {tp!r}")  # a programming error in this module
 
 
+def _in_range(value: Any, rng: Range | None, kind: str, path: str) -> Any:
+    if rng is not None and not rng.admits(value):
+        raise OutOfRange(f"{path}: {value!r} is out of range; expected {rng.describe(kind)}")
+    return value
+
+
+def field_range(f: dataclasses.Field) -> Range | None:
+    """The range ``num`` gave a field (None: any value of its type; floats must still be finite)."""
+    return f.metadata.get(RANGE)
+
+
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a mapping: unknown keys, wrong types, values out of range and broken ``check``
+    rules are a ``ConfigError`` naming the full dotted path (``path`` is this section's)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         where = path or "top level"
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k, field_range(fields[k])) for k, v in data.items()}
+    obj = cls(**kwargs)
+    problems = obj.check() if hasattr(obj, "check") else []
+    if problems:
+        raise ConfigError("; ".join(_name_fields(p, obj, path) for p in problems))
+    return obj
+
+
+def _name_fields(message: str, obj: Any, path: str) -> str:
+    """Replace each ``{a.b}`` of a ``check`` message with ``path.a.b=value``."""
+
+    def named(match: re.Match[str]) -> str:
+        value = obj
+        for part in match[1].split("."):
+            value = getattr(value, part)
+        shown = list(value) if isinstance(value, tuple) else value
+        return f"{path}.{match[1]}={shown!r}" if path else f"{match[1]}={shown!r}"
+
+    return re.sub(r"\{([A-Za-z_][\w.]*)\}", named, message)
+
+
+def validate(cfg: T) -> T:
+    """Check a config built or changed in Python exactly as a loaded one is checked."""
+    return from_dict(type(cfg), to_dict(cfg))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -334,7 +494,17 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    keys = key.strip().split(".")
+    if not all(k.strip() for k in keys):
+        raise ConfigError(f"override {item!r}: {key.strip()!r} is not a dotted field name such as train.lr")
+    try:
+        return keys, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({problem}); "
+            "write e.g. 3e-4, true, null, [1, 2] or a quoted 'string'"
+        ) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -165,7 +165,8 @@ class CodeBridgeModel(nn.Module):
         if problems:
             raise ConfigError(
                 f"{directory / WEIGHTS_FILE} does not fit {directory / CONFIG_FILE} ({problems}); "
-                "the two files come from different models"
+                f"{CONFIG_FILE} was edited, or the two files were not saved together: "
+                "restore the config.json saved with these weights"
             )
         model.load_state_dict(state, strict=True)
         return model.to(map_location).eval()
@@ -211,7 +212,10 @@ def read_model_config(directory: Path) -> tuple[Config, list[str]]:
         cfg = from_dict(Config, meta["config"], path="config")
     except ConfigError as exc:
         version = meta.get("codebridge_version", "an unknown version")
-        raise ConfigError(f"{path}: {exc} (written by codebridge {version}, this is {__version__})") from None
+        raise ConfigError(
+            f"{path}: {exc}; the file was edited or comes from another codebridge version (it says {version}, "
+            f"this is {__version__}): restore the config.json saved with these weights, or load it with that version"
+        ) from None
     return cfg, list(meta["modalities"])
 
 

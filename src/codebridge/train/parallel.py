@@ -21,9 +21,11 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed() -> tuple[torch.device, bool]:
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[torch.device, bool]:
     """Join the process group torchrun describes (nccl on CUDA, gloo on CPU).
 
+    ``timeout_minutes`` (``train.dist_timeout_minutes``) bounds every wait for another rank: it must cover rank 0's
+    evaluations and saves, and it is how long a frozen rank holds the others before the run fails.
     Returns this process's device and whether the group was created here (and so is to be destroyed here).
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -35,7 +37,7 @@ def init_distributed() -> tuple[torch.device, bool]:
     if not launched_by_torchrun() or is_distributed():
         return device, False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))  # rank 0 may evaluate meanwhile
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return device, True
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from codebridge.config import Config, ConfigError, TrainConfig, save_config
+from codebridge.config import Config, ConfigError, save_config, validate
 from codebridge.distributed import all_reduce_mean, rank, world_size
 from codebridge.train.checkpoint import (
     CHECKPOINTS,
@@ -66,16 +66,6 @@ class TrainingDiverged(RuntimeError):
         self.checkpoint = checkpoint
 
 
-def check_train_config(cfg: TrainConfig) -> None:
-    """Reject values the loop cannot run with, naming the field."""
-    for name, least in {"batch_size": 1, "steps": 1, "accum_steps": 1, "log_every": 1, "warmup_steps": 0}.items():
-        if getattr(cfg, name) < least:
-            raise ConfigError(f"train.{name}={getattr(cfg, name)}: must be at least {least}")
-    for name in ("eval_every", "checkpoint_every", "max_minutes", "grad_clip"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"train.{name}={getattr(cfg, name)}: must be 0 (off) or more")
-
-
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -86,8 +76,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 def train(cfg: Config, resume: str | None = None) -> Path:
     """Train ``cfg`` (resuming from "latest", a checkpoint or a run folder) and return the run folder."""
-    check_train_config(cfg.train)
-    device, joined = init_distributed()
+    validate(cfg)  # a config built or changed in Python: every range and rule, before anything is written
+    device, joined = init_distributed(cfg.train.dist_timeout_minutes)
     try:
         return Trainer(cfg, device, resume).run()
     finally:
