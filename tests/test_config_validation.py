@@ -97,6 +97,7 @@ def outside(kind: type, f: dataclasses.Field) -> Iterator[tuple[str, Any]]:
     if kind is float and (rng is None or rng.finite):
         yield "nan", math.nan
         yield "inf", math.inf
+        yield "huge", 10**400  # an integer no float can hold
 
 
 def inside(kind: type, f: dataclasses.Field) -> Iterator[tuple[str, Any]]:
@@ -166,9 +167,11 @@ def test_closed_bounds_are_inside_the_range(name: str, data: dict[str, Any], pat
 def test_out_of_range_messages_say_what_is_allowed():
     with pytest.raises(ConfigError, match=r"^model\.image\.depth: -1 is out of range; expected an integer >= 1$"):
         load_config(None, ["model.image.depth=-1"])
-    with pytest.raises(ConfigError, match=r"^train\.lr: nan is out of range; expected a number > 0$"):
+    with pytest.raises(ConfigError, match=r"^train\.lr: nan is out of range; expected a finite number > 0$"):
         load_config(None, ["train.lr=nan"])
-    with pytest.raises(ConfigError, match=r"^train\.betas\[1\]: 1\.0 is out of range; expected a number >= 0 and < 1$"):
+    with pytest.raises(
+        ConfigError, match=r"^train\.betas\[1\]: 1\.0 is out of range; expected a finite number >= 0 and < 1$"
+    ):
         load_config(None, ["train.betas=[0.9, 1]"])
 
 

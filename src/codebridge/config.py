@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class Range:
     def admits(self, x: float) -> bool:
         if isinstance(x, float) and not math.isfinite(x):
             return not self.finite
+        if isinstance(x, int) and self.finite and abs(x) > sys.float_info.max:
+            return False
         return not (
             (self.ge is not None and x < self.ge)
             or (self.gt is not None and x <= self.gt)
@@ -55,7 +58,7 @@ class Range:
         )
 
     def describe(self, kind: str) -> str:
-        """E.g. "an integer >= 1", "a number >= 0 and < 1"."""
+        """E.g. "an integer >= 1", "a finite number >= 0 and < 1"."""
         ops = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
         bounds = [f"{op} {v:g}" if isinstance(v, float) else f"{op} {v}" for op, v in ops if v is not None]
         return " and ".join([f"{kind} {bounds[0]}" if bounds else kind, *bounds[1:]])
@@ -153,13 +156,12 @@ class DataConfig:
     csv_separator: str | None = None  # None: ',' for .csv, tab for .tsv
 
     def check(self) -> list[str]:
+        distinct = 0 < len(set(self.modalities)) == len(self.modalities)
+        one_character = self.csv_separator is None or len(self.csv_separator) == 1
         return broken(
             {
-                "{modalities} must name at least one modality, each once": len(set(self.modalities))
-                == len(self.modalities)
-                > 0,
-                "{csv_separator} must be one character (e.g. ',' or a tab) or null": self.csv_separator is None
-                or len(self.csv_separator) == 1,
+                "{modalities} must name at least one modality, each once": distinct,
+                "{csv_separator} must be one character (e.g. ',' or a tab) or null": one_character,
             }
         )
 
@@ -315,9 +317,8 @@ class EvalConfig:
     zeroshot_templates: list[str] = field(
         default_factory=lambda: ["{}", "an emoji of {}", "a picture of {}", "an icon of {}"]
     )
-    linear_probe_c: float = num(
-        1.0, gt=0
-    )  # inverse L2 strength of the probe's logistic regression (standardised features)
+    # inverse L2 strength of the probe's logistic regression (standardised features)
+    linear_probe_c: float = num(1.0, gt=0)
 
     def check(self) -> list[str]:
         return broken(
@@ -343,13 +344,13 @@ class Config:
 
     def check(self) -> list[str]:
         """Rules across sections: the ViT's patches must tile the images and the video frames it encodes."""
-        patch = self.model.image.patch_size
+        used, patch = self.data.modalities, self.model.image.patch_size
+        images_tile = "image" not in used or self.prep.image.size % patch == 0
+        frames_tile = "video" not in used or self.prep.video.size % patch == 0
         return broken(
             {
-                "{prep.image.size} must be a multiple of {model.image.patch_size}": "image" not in self.data.modalities
-                or self.prep.image.size % patch == 0,
-                "{prep.video.size} must be a multiple of {model.image.patch_size}": "video" not in self.data.modalities
-                or self.prep.video.size % patch == 0,
+                "{prep.image.size} must be a multiple of {model.image.patch_size}": images_tile,
+                "{prep.video.size} must be a multiple of {model.image.patch_size}": frames_tile,
             }
         )
 
@@ -423,7 +424,10 @@ def _coerce(value: Any, tp: Any, path: str, rng: Range | None = None) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return _in_range(float(value), rng or FINITE, "a number", path)
+        with contextlib.suppress(OverflowError):  # an integer beyond any float is out of every range
+            value = float(value)
+        rng = rng or FINITE
+        return _in_range(value, rng, "a finite number" if rng.finite else "a number", path)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
