@@ -198,21 +198,22 @@ def test_weight_decay_of_the_token_table():
     assert _bridge(_cfg(token_weight_decay=False)).no_weight_decay() == {"logit_scale.log_scale", "tokens"}
 
 
-def test_usage_stats():
+def test_usage_counts_training_forwards_only():
     bridge = _bridge(_cfg(temperature=0.05))
     batches = [_features(seed=s) for s in (1, 2)]
     weights = {"image": [], "text": []}
     for feats in batches:
         for m, out in bridge(feats, step=0).items():
             weights[m].append(out.extras["weights"])
-    stats = bridge.usage_stats()
+    bridge.eval()(_features(seed=3))  # an evaluation in between is not counted
+    stats = bridge.usage()
     for m, ws in weights.items():
         w = torch.cat(ws)
         assert math.isclose(stats[f"fdt/{m}/used"], (w > 0).any(0).double().mean().item())
         assert math.isclose(stats[f"fdt/{m}/active"], (w > 0).sum(-1).double().mean().item())
     same_top = torch.cat(weights["image"]).argmax(-1) == torch.cat(weights["text"]).argmax(-1)
     assert math.isclose(stats["fdt/agree/image-text"], same_top.double().mean().item())
-    assert bridge.usage_stats() == {}  # counters restart after every call
+    assert bridge.usage() == {}  # counters restart after every call
 
 
 def test_bad_config_and_inputs_are_reported():
