@@ -276,3 +276,18 @@ def test_two_processes_equal_one_process(tmp_path):
             assert torch.allclose(r["grads"][name], p.grad, atol=1e-5), name
     for m, x in inputs.items():
         assert torch.allclose(torch.cat([r["inputs"][m] for r in ranks]), x.grad, atol=1e-5), m
+
+
+@pytest.mark.parametrize("activation", ["sparsemax", "softmax", "sigmoid"])
+@pytest.mark.parametrize("topk", [True, False])
+def test_position_weights_are_the_forward_activation(activation, topk):
+    """The discrete space's per-position weights are the bridge's own activation at its stored temperature: on a
+    one-position input they equal the weights ``forward`` pools, whatever the activation and sparsemax variant."""
+    bridge = _bridge(_cfg(activation=activation, topk_sparsemax=topk, sparsemax_k=1, temperature=0.3)).eval()
+    bridge.step.fill_(25)  # a decayed temperature: the weights must use it too
+    single = {m: Features(f.tokens[:, :1], f.mask[:, :1] | True, f.summary) for m, f in _features().items()}
+    space = bridge.discrete_space()
+    with torch.no_grad():
+        for m, out in bridge(single).items():
+            torch.testing.assert_close(space.weights(m, single[m])[:, 0], out.extras["weights"], rtol=0, atol=1e-12)
+            assert torch.equal(space.assignments(m, single[m])[:, 0], out.extras["weights"].argmax(-1))
