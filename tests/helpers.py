@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 from codebridge.config import Config
 
@@ -36,3 +41,17 @@ def small_bridge_config(bridge: str) -> Config:
     cfg.model.bridge.codebook.size = 16
     cfg.model.bridge.fdt.num_tokens, cfg.model.bridge.fdt.dim = 16, 8
     return cfg
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[bool]:
+    """Mount a tmpfs with ``options`` (``size=1m``, ``ro``) on ``folder`` when this process may (root with
+    CAP_SYS_ADMIN); yields whether it did, so a test can fall back to a simulation and say so."""
+    folder.mkdir(parents=True, exist_ok=True)
+    command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
+    mounted = shutil.which("mount") is not None and subprocess.run(command, capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], check=True)

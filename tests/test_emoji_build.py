@@ -84,6 +84,20 @@ def test_other_settings_rebuild_and_foreign_folders_are_refused(tmp_path: Path) 
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def test_a_folder_the_builder_did_not_mark_is_never_cleared(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A web app's folder has a manifest.json too: `data emoji --out` refuses it, before fetching, deleting nothing."""
+    app = tmp_path / "webapp"
+    (app / "images").mkdir(parents=True)
+    (app / "manifest.json").write_text('{"name": "my app", "icons": [{"src": "images/logo.png"}]}')
+    (app / "images" / "logo.png").write_bytes(b"\x89PNG not really")
+    before = {p: p.read_bytes() for p in app.rglob("*.*")}
+    assert main(["data", "emoji", "--out", str(app), "--limit", "4", "--scenes", "2", "--clips", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {app} is not empty and holds no emoji build") and err.count("\n") == 1
+    assert sorted(app.rglob("*")) == [app / "images", app / "images" / "logo.png", app / "manifest.json"]
+    assert {p: p.read_bytes() for p in app.rglob("*.*")} == before
+
+
 def test_counts_match_tables_and_files(emoji_root: Path) -> None:
     manifest = _manifest(emoji_root)
     counts = manifest["counts"]
@@ -104,7 +118,7 @@ def test_counts_match_tables_and_files(emoji_root: Path) -> None:
     on_disk = {
         p.relative_to(emoji_root).as_posix()
         for p in emoji_root.rglob("*")
-        if p.is_file() and p.name not in ("manifest.json", ".codebridge-emoji")
+        if p.is_file() and p.name not in ("manifest.json", ".codebridge-emoji", ".lock")
     }
     assert on_disk == set(manifest["checksums"])
     listed = [r["file"] for t in ("images", "speech", "scenes", "clips") for r in _lines(emoji_root, f"{t}.jsonl")]

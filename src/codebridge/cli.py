@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 from codebridge.config import ConfigError, load_config
 from codebridge.data.sample import BadSampleError
+from codebridge.files import atomic_write_text, check_writable
 
 EPILOG = """\
 typical session:
@@ -181,10 +183,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from codebridge.data.check import check_dataset
 
     modalities = args.modalities.split(",") if args.modalities else None
+    if args.json_out:
+        check_writable(args.json_out)
     report = check_dataset(args.spec, cfg, modalities=modalities)
     print(report.render())
     if args.json_out:
-        args.json_out.write_text(json.dumps(report.to_dict(), indent=2))
+        atomic_write_text(args.json_out, json.dumps(report.to_dict(), indent=2))
     return 0 if report.ok else 1
 
 
@@ -204,6 +208,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from codebridge.eval.run import evaluate
 
+    if args.out:
+        check_writable(args.out)  # before minutes of computing, not after
     metrics = evaluate(
         args.model,
         args.data,
@@ -214,16 +220,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         window=args.window,
     )
     text = json.dumps(metrics, indent=2)
+    print(text, flush=True)  # first, so a write that fails after all still loses nothing computed
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+        atomic_write_text(args.out, text)
     return 0
 
 
 def _cmd_localize(args: argparse.Namespace) -> int:
     from codebridge.localize import localize_cli
 
+    check_writable(args.out)
     result = localize_cli(
         args.model,
         image=args.image,
@@ -244,6 +250,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from codebridge.report import build_report
 
+    check_writable(args.out or args.run_dir / "report.html")
     path = build_report(args.run_dir, out=args.out, queries=args.queries, max_samples=args.max_samples)
     print(f"report: {path}")
     return 0
@@ -266,6 +273,27 @@ COMMANDS = {
 }
 
 
+# Errors of the place written to (not of the program): one line naming the file, what is wrong and what to do.
+CANNOT_WRITE = {
+    errno.ENOSPC: "cannot write {}: the disk is full; free some space or write elsewhere",
+    errno.EDQUOT: "cannot write {}: the disk quota is exhausted; free some space or write elsewhere",
+    errno.EROFS: "cannot write {}: the file system is read-only; write elsewhere",
+    errno.EACCES: "cannot access {}: permission denied; fix its permissions or write elsewhere",
+    errno.EPERM: "cannot access {}: operation not permitted; fix its permissions or write elsewhere",
+    errno.EISDIR: "cannot write {}: it is a folder; give a file name",
+}
+
+
+def cannot_write(exc: OSError) -> str | None:
+    """The one-line message for an ``OSError`` of the file system written to, or None for any other error."""
+    if exc.errno not in CANNOT_WRITE:
+        return None
+    return (
+        CANNOT_WRITE[exc.errno].format(exc.filename or "a file")
+        + " (a run: --set output_dir=..., other commands: --out); files written before are intact"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -276,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: stop quietly
         sys.stderr.close()
         return 0
+    except OSError as exc:
+        if (message := cannot_write(exc)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from codebridge.files import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names the field and what is allowed."""
@@ -592,4 +594,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 from codebridge.config import load_config
+from codebridge.files import atomic_write_json
+from codebridge.lock import folder_lock
 from codebridge.paths import emoji_root
 
 DEMO_EVALS = [  # (task, data spec, file name under RUN/eval/)
@@ -29,7 +31,15 @@ def run_demo(
     data_root: Path | None = None,
     overrides: list[str] | None = None,
 ) -> Path:
-    """Run the whole pipeline; returns the run folder. Steps that are not available are reported, not hidden."""
+    """Run the whole pipeline; returns the run folder. Steps that are not available are reported, not hidden.
+
+    The run folder is locked throughout (training, evaluations, heatmaps, report): one demo per folder at a time.
+    """
+    with folder_lock(out, "demo run folder", "pass another --out"):
+        return _pipeline(out, recipe, minutes, data_root, overrides)
+
+
+def _pipeline(out: Path, recipe: str, minutes: float, data_root: Path | None, overrides: list[str] | None) -> Path:
     from codebridge.data.emoji.build import build_emoji
     from codebridge.data.emoji.manifest import read_manifest
     from codebridge.data.sources import open_source
@@ -65,7 +75,7 @@ def run_demo(
         except TaskNotAvailable as exc:  # e.g. code analysis of a bridge without codes
             summary[task] = f"not available: {exc}"
             continue
-        (eval_dir / name).write_text(json.dumps(metrics, indent=2))
+        atomic_write_json(eval_dir / name, metrics)
         summary.update(
             {k: v for k, v in metrics.items() if k.endswith(("R@1", "top1", "pointing_game", "pointing_game_windows"))}
         )

@@ -13,7 +13,6 @@ word (or the whole utterance) with image crops centred on each patch (eval/windo
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ from codebridge.eval.localization import (
 )
 from codebridge.eval.pointing import phrase_maps
 from codebridge.eval.windows import DEFAULT_WINDOW, model_grid, window_maps
+from codebridge.files import atomic_write_json
 
 if TYPE_CHECKING:
     from codebridge.models.model import CodeBridgeModel
@@ -169,5 +169,5 @@ def localize_cli(
         "skipped": skipped,
         "maps": [{"label": k, "map": v.tolist()} for k, v in maps],
     }
-    raw.write_text(json.dumps(record, indent=1))
+    atomic_write_json(raw, record, indent=1)
     return {"png": png, "json": raw, "maps": [label for label, _ in maps], "skipped": skipped}

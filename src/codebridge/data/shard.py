@@ -14,8 +14,16 @@ from webdataset import ShardWriter
 from codebridge.config import DataConfig
 from codebridge.data.sources import open_source
 from codebridge.data.sources.webdataset import to_record
+from codebridge.files import commit
 
 PATTERN = "shard-%05d.tar"
+PARTIAL = ".shard-%05d.tar.tmp"  # a shard being written; renamed to PATTERN once complete, so no torn shard is seen
+
+
+def _publish(partial: str) -> Path:
+    final = Path(partial).with_name(Path(partial).name[1:].removesuffix(".tmp"))
+    commit(Path(partial), final)
+    return final
 
 
 def write_shards(spec: str, out: Path, data: DataConfig, samples_per_shard: int = 1000) -> list[Path]:
@@ -31,9 +39,9 @@ def write_shards(spec: str, out: Path, data: DataConfig, samples_per_shard: int 
         return []
     written: list[Path] = []
     with ShardWriter(
-        str(out / PATTERN),
+        str(out / PARTIAL),
         maxcount=samples_per_shard,
-        post=lambda name: written.append(Path(name)),
+        post=lambda name: written.append(_publish(name)),
         verbose=0,
         mtime=0.0,  # byte-identical shards for identical input
         mode=0o644,

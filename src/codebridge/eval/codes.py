@@ -15,7 +15,6 @@ A bridge without a discrete space (``clip``) has no codes; analysing it raises a
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from codebridge.eval.localization import (
     patch_centres,
     word_positions,
 )
+from codebridge.files import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
     from codebridge.models.model import CodeBridgeModel
@@ -309,7 +309,7 @@ def evaluate_codes(
         out_dir.mkdir(parents=True, exist_ok=True)
         table = code_table(model, samples, found, patches)
         usage = np.bincount(found.arrays()[0], minlength=found.num_codes)
-        (out_dir / CODES_FILE).write_text(json.dumps({"usage": usage.tolist(), "codes": table}, indent=1))
+        atomic_write_json(out_dir / CODES_FILE, {"usage": usage.tolist(), "codes": table}, indent=1)
         if patches is not None:
             draw_code_grid(model, samples, grid_rows(table, rows), patches.grid, out_dir / GRID_FILE)
     return metrics
@@ -359,5 +359,6 @@ def draw_code_grid(
             image = model.preprocessors.image.load(samples[patch["index"]].image)
             ax.imshow(patch_crop(image, grid, patch["row"], patch["col"]))
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path

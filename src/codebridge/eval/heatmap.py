@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from codebridge.data.preprocess.image import centre_square
+from codebridge.files import atomic_path
 
 CMAP = "jet"
 
@@ -63,8 +64,8 @@ def overlay(image: Image.Image, grid: torch.Tensor, alpha: float = 0.5, cmap: st
 def save_overlay(image: Image.Image, grid: torch.Tensor, path: str | Path, alpha: float = 0.5) -> Path:
     """Write ``overlay`` as a PNG of the input image's size."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    overlay(image, grid, alpha).save(path, format="PNG")
+    with atomic_path(path) as tmp:
+        overlay(image, grid, alpha).save(tmp, format="PNG")
     return path
 
 
@@ -87,7 +88,6 @@ def save_panels(panels: Sequence[tuple[str, Image.Image]], path: str | Path, col
     if not panels:
         raise ValueError("no panels to draw")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
     aspect = max(p.width / p.height for _, p in panels)
@@ -99,5 +99,6 @@ def save_panels(panels: Sequence[tuple[str, Image.Image]], path: str | Path, col
         ax.imshow(picture)
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path

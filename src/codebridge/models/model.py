@@ -25,6 +25,7 @@ from codebridge.config import Config, ConfigError, from_dict, to_dict
 from codebridge.data.preprocess import PREP_FILE, Preprocessors, Tokenizer
 from codebridge.data.preprocess.text import TOKENIZER_FILE
 from codebridge.data.sample import MODALITIES
+from codebridge.files import atomic_path, atomic_write_json, naming_errors
 from codebridge.models.bridges import bridge_class
 from codebridge.models.encoders import ENCODERS
 from codebridge.models.features import BridgeOutput
@@ -132,10 +133,12 @@ class CodeBridgeModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
         meta = {"codebridge_version": __version__, "modalities": self.modalities, "config": to_dict(self.cfg)}
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        self.preprocessors.save(directory)
+        atomic_write_json(directory / CONFIG_FILE, meta)
+        with naming_errors(directory):
+            self.preprocessors.save(directory)
         return directory
 
     @classmethod

@@ -12,6 +12,7 @@ import torch
 
 from codebridge.config import ConfigError
 from codebridge.data.sample import BadSampleError, Sample
+from codebridge.files import atomic_write_text
 from codebridge.report import sections
 from codebridge.report.examples import Examples, example_queries, spread
 from codebridge.report.html import page
@@ -108,6 +109,5 @@ def build_report(
     written = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     subtitle = f"{cfg.model.bridge.name} bridge, {' + '.join(cfg.data.modalities)}; report written {written}"
     out = Path(out) if out is not None else run.path / REPORT_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page(f"codebridge run: {cfg.name}", subtitle, [s for s in parts if s is not None]), "utf-8")
+    atomic_write_text(out, page(f"codebridge run: {cfg.name}", subtitle, [s for s in parts if s is not None]))
     return out

@@ -9,9 +9,10 @@ Layout of one checkpoint::
     rng/rank_<r>.json       Python/NumPy/torch/CUDA generator states of rank r
     data/rank_<r>.json      the data position of rank r (ranks can differ when data.skip_bad leaves batches out)
     tokenizer/              the BPE tokenizer (text runs)
+    config.yaml             the resolved config of the run (a resume is checked against it)
 
-Everything is written into ``.tmp_step_000200`` and renamed when complete; ``latest`` is replaced (atomically)
-only afterwards, so a run killed at any moment leaves the previous checkpoint and pointer intact.
+Everything is written (and fsynced) into ``.tmp_step_000200`` and renamed when complete; ``latest`` is replaced
+(atomically) only afterwards, so a run killed at any moment leaves the previous checkpoint and pointer intact.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from codebridge.config import ConfigError
+from codebridge.config import ConfigError, save_config
 from codebridge.distributed import rank, world_size
+from codebridge.files import atomic_path, atomic_write_json, atomic_write_text, naming_errors
 from codebridge.train.optim import WarmupCosine
 from codebridge.train.parallel import barrier
 from codebridge.train.rng import capture_rng, restore_rng
@@ -37,6 +39,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 PREFIX = "step_"
 TOKENIZER_DIR = "tokenizer"
+CONFIG_FILE = "config.yaml"
 
 
 class Saveable(Protocol):
@@ -59,7 +62,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1))
+    atomic_write_json(path, data, indent=1)
 
 
 def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
@@ -72,7 +75,8 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
                 tensors[f"{index}.{key}"] = value.detach().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
-    save_file(tensors, str(directory / "optimizer.safetensors"))
+    with atomic_path(directory / "optimizer.safetensors") as tmp:
+        save_file(tensors, str(tmp))
     _write_json(directory / "optimizer.json", {"param_groups": sd["param_groups"], "scalars": scalars})
 
 
@@ -95,8 +99,11 @@ def save_checkpoint(
     scheduler: WarmupCosine,
     tokenizer: Saveable | None = None,
     keep: int = 2,
+    config: Any = None,
 ) -> Path:
     """Write the checkpoint of ``state.step`` (collective: every rank calls it and writes its RNG state).
+
+    ``config`` (the run's ``Config``) is saved with it, so a resume can be checked against what it continues.
 
     Keeps the newest ``keep`` checkpoints (``keep < 1``: all). Returns the checkpoint folder.
     """
@@ -112,16 +119,18 @@ def save_checkpoint(
     _write_json(tmp / "data" / f"rank_{rank()}.json", {"batches": state.batches})
     barrier()
     if rank() == 0:
-        save_model(model, str(tmp / "model.safetensors"))
+        with atomic_path(tmp / "model.safetensors") as weights:
+            save_model(model, str(weights))
         _save_optimizer(optimizer, tmp)
+        if config is not None:
+            save_config(config, tmp / CONFIG_FILE)
         _write_json(tmp / "trainer.json", {"state": asdict(state), "scheduler": scheduler.state_dict()})
         if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_DIR)
+            with naming_errors(tmp / TOKENIZER_DIR):
+                tokenizer.save(tmp / TOKENIZER_DIR)
         shutil.rmtree(final, ignore_errors=True)  # a stale copy of this step from a killed run
         os.replace(tmp, final)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / LATEST)
+        atomic_write_text(root / LATEST, final.name + "\n")
         _prune(root, keep)
     barrier()
     return final
@@ -149,17 +158,23 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
     return where
 
 
+def check_world_size(path: Path) -> None:
+    """Refuse a checkpoint written by another number of processes (its data stream and RNG states differ)."""
+    written = json.loads((path / "trainer.json").read_text())["state"]["world_size"]
+    if written != world_size():
+        raise ConfigError(
+            f"{path} was written by {written} process(es) but this run has {world_size()}; "
+            f"resume with the same torchrun --nproc_per_node so the data stream and RNG states line up"
+        )
+
+
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: WarmupCosine
 ) -> TrainState:
     """Restore weights, optimizer and schedule in place and return the data position (RNG: ``load_rng``)."""
     meta = json.loads((path / "trainer.json").read_text())
     state = TrainState(**meta["state"])
-    if state.world_size != world_size():
-        raise ConfigError(
-            f"{path} was written by {state.world_size} process(es) but this run has {world_size()}; "
-            f"resume with the same torchrun --nproc_per_node so the data stream and RNG states line up"
-        )
+    check_world_size(path)
     own_position = path / "data" / f"rank_{rank()}.json"
     if own_position.is_file():  # checkpoints before per-rank positions hold rank 0's only
         state.batches = json.loads(own_position.read_text())["batches"]

@@ -15,6 +15,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from codebridge.config import ConfigError
+from codebridge.files import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "out.log"
 TENSORBOARD_DIR = "tensorboard"
@@ -31,12 +34,25 @@ class _TqdmHandler(logging.Handler):
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written by a killed run after its last checkpoint) before resuming."""
+    """Before a (resumed) run appends: drop records past ``step`` (written by a killed run after its last
+    checkpoint) and a torn last line (a kill in the middle of an append); the file is replaced atomically."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    path.write_text("".join(f"{line}\n" for line in kept))
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                log.warning("%s: dropped a torn last line (the previous run was killed while writing it)", path)
+                break
+            raise ConfigError(
+                f"{path}:{number}: not a JSON record; delete that line (or the file, losing the curves) and resume"
+            ) from None
+        if record["step"] <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 class RunLog:

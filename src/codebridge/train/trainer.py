@@ -6,11 +6,9 @@ over ranks before clipping, the AdamW step, the schedule step and ``bridge.post_
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
-import os
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,17 +19,22 @@ from tqdm import tqdm
 
 from codebridge.config import Config, ConfigError, save_config, validate
 from codebridge.distributed import all_reduce_mean, rank, world_size
+from codebridge.files import atomic_dir, atomic_write_json
+from codebridge.lock import FolderInUse, folder_lock
 from codebridge.train.checkpoint import (
     CHECKPOINTS,
+    CONFIG_FILE,
     LATEST,
     TOKENIZER_DIR,
     TrainState,
+    check_world_size,
     checkpoint_name,
     find_checkpoint,
     load_checkpoint,
     load_rng,
     save_checkpoint,
 )
+from codebridge.train.health import CollapseWatch, unhealthy
 from codebridge.train.metrics_log import RunLog
 from codebridge.train.optim import WarmupCosine, build_optimizer, lr_at
 from codebridge.train.parallel import (
@@ -42,6 +45,7 @@ from codebridge.train.parallel import (
     rank_zero_says,
     shutdown_distributed,
 )
+from codebridge.train.resume import check_resume
 from codebridge.train.rng import preserved_rng, seed_everything
 
 log = logging.getLogger(__name__)
@@ -51,14 +55,15 @@ MODEL_DIR = "model"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; nothing was saved for that step, so checkpoints stay good."""
+    """The loss or the gradient norm became NaN/inf, or the model became unhealthy (``health.unhealthy``);
+    nothing was saved for that step, so every checkpoint (and ``latest``) stays healthy."""
 
     def __init__(self, step: int, what: str, parts: dict[str, Any], checkpoint: Path | None) -> None:
         parts = {k: float(v) for k, v in parts.items()}  # device tensors become numbers here (a failed step only)
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
-        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been written yet"
+        shown = f" (loss parts: {', '.join(f'{k}={v:.4g}' for k, v in parts.items())})" if parts else ""
+        where = f"the last healthy checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been written yet"
         super().__init__(
-            f"training diverged at step {step}: {what} (loss parts: {shown}); {where}. "
+            f"training diverged at step {step}: {what}{shown}; {where}. "
             "Lower train.lr, raise train.warmup_steps, keep train.grad_clip > 0 or use train.precision=fp32, "
             "then resume with --resume latest or start again."
         )
@@ -80,10 +85,26 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     validate(cfg)  # a config built or changed in Python: every range and rule, before anything is written
     device, joined = init_distributed(cfg.train.dist_timeout_minutes)
     try:
-        return Trainer(cfg, device, resume).run()
+        with _hold_output_dir(Path(cfg.output_dir), device):
+            return Trainer(cfg, device, resume).run()
     finally:
         if joined:
             shutdown_distributed()
+
+
+@contextlib.contextmanager
+def _hold_output_dir(folder: Path, device: torch.device) -> Any:
+    """Rank 0 locks the run folder for the whole run (final save and evaluation included); all ranks learn if not."""
+    with contextlib.ExitStack() as stack:
+        refused: FolderInUse | None = None
+        if rank() == 0:
+            try:
+                stack.enter_context(folder_lock(folder))
+            except FolderInUse as exc:
+                refused = exc
+        if rank_zero_says(refused is not None, device):
+            raise refused or FolderInUse(f"output_dir {folder} is in use by another run (rank 0 could not lock it)")
+        yield
 
 
 class Trainer:
@@ -100,6 +121,10 @@ class Trainer:
         self.device = device
         self.run_dir = Path(cfg.output_dir)
         self.checkpoint = find_checkpoint(self.run_dir, resume) if resume else None
+        resume_note = None
+        if self.checkpoint is not None:  # before anything is written: a refused resume leaves the run as it was
+            check_world_size(self.checkpoint)
+            resume_note = check_resume(self.checkpoint, cfg)
         self._prepare_run_dir()
 
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights
@@ -117,10 +142,13 @@ class Trainer:
             self.state = load_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler)
         self.loader = training_loader(cfg, samples, prep, rank(), world_size(), self.state.batches)
         self.log = RunLog(self.run_dir, enabled=rank() == 0, start_step=self.state.step)
+        self.watch = CollapseWatch(cfg.train.batch_size * world_size())
         self.last_saved = self.checkpoint
         if self.checkpoint is not None:
             load_rng(self.checkpoint)
             log.info("resumed from %s at step %d", self.checkpoint, self.state.step)
+            if resume_note:
+                log.info(resume_note)
         else:
             seed_everything(cfg.seed + rank())  # per-rank randomness from here on
 
@@ -132,7 +160,7 @@ class Trainer:
             )
         if rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            save_config(self.cfg, self.run_dir / CONFIG_FILE)
         barrier()
 
     def _tokenizer(self, samples: list) -> Any:
@@ -146,7 +174,8 @@ class Trainer:
             return Tokenizer.load(self.checkpoint / TOKENIZER_DIR)
         folder = self.run_dir / TOKENIZER_DIR
         if rank() == 0:
-            Tokenizer.train(all_texts(samples), self.cfg.prep.text).save(folder)
+            with atomic_dir(folder) as tmp:
+                Tokenizer.train(all_texts(samples), self.cfg.prep.text).save(tmp)
         barrier()
         return Tokenizer.load(folder)
 
@@ -172,6 +201,8 @@ class Trainer:
                 if step % cfg.log_every == 0 or stopping:
                     record = self._record(meter)
                     self.log.train(record)
+                    if warning := self.watch.update(record):
+                        log.warning(warning)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self._save()
@@ -187,6 +218,8 @@ class Trainer:
             self._save_model()
             self._evaluate()
             log.info("done: %d steps in %.1f minutes; run folder %s", self.state.step, self._minutes(), self.run_dir)
+            if self.watch.verdict:
+                log.warning("this run looks collapsed: %s", self.watch.verdict)
         finally:
             bar.close()
             self.log.close()
@@ -258,6 +291,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ outputs
     def _save(self) -> None:
+        """Checkpoint the current step, unless the model is unhealthy: then stop like a divergence."""
+        reason = unhealthy(self.model)
+        if rank_zero_says(reason is not None, self.device):
+            raise TrainingDiverged(self.state.step, reason or "rank 0 found the model unhealthy", {}, self.last_saved)
         self.last_saved = save_checkpoint(
             self.run_dir,
             self.state,
@@ -266,18 +303,16 @@ class Trainer:
             self.scheduler,
             self.tokenizer,
             keep=self.cfg.train.keep_checkpoints,
+            config=self.cfg,
         )
         log.info("checkpoint %s", self.last_saved)
 
     def _save_model(self) -> None:
         """RUN/model/ (rank 0), written beside and renamed so a crash never leaves half a model."""
         if rank() == 0:
-            final, tmp = self.run_dir / MODEL_DIR, self.run_dir / f".tmp_{MODEL_DIR}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            log.info("model saved to %s", final)
+            with atomic_dir(self.run_dir / MODEL_DIR) as tmp:
+                self.model.save(tmp)
+            log.info("model saved to %s", self.run_dir / MODEL_DIR)
         barrier()
 
     def _evaluate(self) -> None:
@@ -290,7 +325,7 @@ class Trainer:
                 metrics = evaluate_model(self.model, spec, task="retrieval", batch_size=self.cfg.train.batch_size)
             self.model.train()
             self.log.eval(self.state.step, spec, metrics)
-            (self.run_dir / EVAL_FILE).write_text(json.dumps(metrics, indent=2))
+            atomic_write_json(self.run_dir / EVAL_FILE, metrics)
         barrier()
 
 

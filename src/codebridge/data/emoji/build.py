@@ -33,6 +33,8 @@ from codebridge.data.emoji.scenes import plan_scenes, render_scene
 from codebridge.data.emoji.speech import VOICES, espeak_version, plan_speech, speak
 from codebridge.data.emoji.splits import make_splits
 from codebridge.data.emoji.text import LOCALES
+from codebridge.files import atomic_write_text
+from codebridge.lock import folder_lock
 from codebridge.paths import codebridge_home, emoji_root
 
 MARKER = ".codebridge-emoji"  # marks a folder this builder may clear, even before its first manifest exists
@@ -44,12 +46,20 @@ def _say(message: str, progress: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _prepare(root: Path) -> None:
-    """Empty the builder's own files from ``root``; refuse a non-empty folder that is not an emoji build."""
-    if root.is_dir() and any(root.iterdir()) and not (root / MARKER).exists() and not (root / MANIFEST).exists():
-        raise FileExistsError(f"{root} is not empty and holds no emoji build; give `--out` a new or empty folder")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).touch()
+def _refuse_foreign(root: Path) -> None:
+    """Refuse (touching nothing) a non-empty folder this builder did not mark.
+
+    Only the marker counts: a ``manifest.json`` alone is no proof (web apps have one too).
+    """
+    if root.is_dir() and any(root.iterdir()) and not (root / MARKER).exists():
+        raise FileExistsError(
+            f"{root} is not empty and holds no emoji build (no {MARKER} file), so nothing in it was changed; "
+            "give `--out` a new or empty folder"
+        )
+
+
+def _clear(root: Path) -> None:
+    """Remove the builder's own files (and only those) from a folder it marked."""
     (root / MANIFEST).unlink(missing_ok=True)
     for name in MEDIA:
         shutil.rmtree(root / name, ignore_errors=True)
@@ -81,17 +91,38 @@ def build_emoji(
         "options": {"limit": limit, "scenes": n_scenes, "clips": n_clips},
     }
     built, reason = check_build(root, expected)
-    if built is not None:
-        _say(f"emoji data at {root} is complete (manifest checked); nothing to do", progress)
-        return built
-    _say(f"building emoji data at {root} ({reason})", progress)
+    if built is None:
+        _refuse_foreign(root)  # before anything is fetched or written
+        cache = codebridge_home() / "npm"
+        require_tools(["espeak-ng", *(["npm"] if missing_packages(cache) else [])])
+        root.mkdir(parents=True, exist_ok=True)
+        (root / MARKER).touch()  # this folder is the builder's from now on
+        with folder_lock(root, "emoji data folder", "give `--out` another folder"):
+            built, reason = check_build(root, expected)  # a concurrent build may have just finished it
+            if built is None:
+                return _build(root, expected, reason, limit, n_scenes, n_clips, workers, seed, progress)
+    _say(f"emoji data at {root} is complete (manifest checked); nothing to do", progress)
+    return built
 
+
+def _build(
+    root: Path,
+    expected: dict[str, Any],
+    reason: str,
+    limit: int | None,
+    n_scenes: int,
+    n_clips: int,
+    workers: int,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Build into ``root`` (marked and locked by the caller) and return the manifest, written last."""
+    _say(f"building emoji data at {root} ({reason})", progress)
     cache = codebridge_home() / "npm"
-    require_tools(["espeak-ng", *(["npm"] if missing_packages(cache) else [])])
     start = time.perf_counter()
     packages = {name: fetch_package(name, cache) for name in PACKAGES}
     concepts = load_concepts(packages, limit)
-    _prepare(root)
+    _clear(root)
 
     with Pool(workers, progress) as pool:
         image_rows, jobs = plan_images(concepts, packages, root)
@@ -106,7 +137,7 @@ def build_emoji(
     write_jsonl(root / "speech.jsonl", speech_rows)
     write_jsonl(root / "scenes.jsonl", scene_rows)
     write_jsonl(root / "clips.jsonl", clip_rows)
-    (root / "splits.json").write_text(json.dumps(make_splits(concepts, seed)) + "\n", encoding="utf-8")
+    atomic_write_text(root / "splits.json", json.dumps(make_splits(concepts, seed)) + "\n")
 
     media = [row["file"] for rows in (image_rows, speech_rows, scene_rows, clip_rows) for row in rows]
     manifest = {

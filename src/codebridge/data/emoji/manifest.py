@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from codebridge.files import atomic_write_json
 
 VERSION = 2  # bump when the builder's output changes, so older builds are rebuilt instead of trusted
 TABLES = ("concepts.jsonl", "images.jsonl", "speech.jsonl", "scenes.jsonl", "clips.jsonl", "splits.json")
@@ -31,9 +32,7 @@ def checksums(root: Path, relpaths: list[str], progress: bool = True) -> dict[st
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, root / MANIFEST)
+    atomic_write_json(root / MANIFEST, manifest, indent=1, ensure_ascii=False)
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
