@@ -233,7 +233,7 @@ def test_ranks_get_disjoint_shards(samples: list[Sample], prep: Preprocessors, d
 
 
 def test_loader_rejects_impossible_settings(samples: list[Sample], prep: Preprocessors) -> None:
-    with pytest.raises(ConfigError, match="12 sample.s. over 1 rank.s. make no full batch of train.batch_size=64; lower"):
+    with pytest.raises(ConfigError, match=r"12 sample\(s\) over 1 rank\(s\) make no full batch of train.batch_size=64"):
         build_loader(dataset(samples, prep), 64, True, 0, 0, drop_last=True)
     with pytest.raises(ValueError, match="rank 2 is outside"):
         build_loader(dataset(samples, prep), 2, True, 0, 0, drop_last=True, rank=2, world_size=2)

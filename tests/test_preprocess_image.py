@@ -275,4 +275,4 @@ def test_decompression_bomb_is_a_named_bad_image_checked_before_decoding(recwarn
             BadSampleError, match=rf"<\d+ bytes>: claims {width}x{width} pixels, more than the limit {limit}"
         ):
             proc.load(bomb_png(width, width))
-    assert Image.MAX_IMAGE_PIXELS == limit and not recwarn.list  # PIL's limit restored, no warning printed
+    assert limit == Image.MAX_IMAGE_PIXELS and not recwarn.list  # PIL's limit restored, no warning printed
