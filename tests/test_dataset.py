@@ -150,7 +150,7 @@ def test_bad_samples_raise_naming_the_file_or_are_skipped_and_recorded(
     samples: list[Sample], prep: Preprocessors, tmp_path: Path
 ) -> None:
     bad = corrupt_copy(samples, tmp_path, 3)
-    with pytest.raises(BadSampleError, match=r"data\.csv:5: image: cannot decode image .*broken\.png") as info:
+    with pytest.raises(BadSampleError, match=r"data\.csv:5: image .*broken\.png: not an image format") as info:
         dataset(bad, prep)[3]
     assert info.value.source == "data.csv:5"
     without_audio = [Sample(key="x", source="data.csv:5", image=samples[0].image, texts=["a"])]
@@ -233,24 +233,28 @@ def test_ranks_get_disjoint_shards(samples: list[Sample], prep: Preprocessors, d
 
 
 def test_loader_rejects_impossible_settings(samples: list[Sample], prep: Preprocessors) -> None:
-    with pytest.raises(ValueError, match="make no batch of 64"):
+    with pytest.raises(ConfigError, match=r"12 sample\(s\) over 1 rank\(s\) make no full batch of train.batch_size=64"):
         build_loader(dataset(samples, prep), 64, True, 0, 0, drop_last=True)
     with pytest.raises(ValueError, match="rank 2 is outside"):
         build_loader(dataset(samples, prep), 2, True, 0, 0, drop_last=True, rank=2, world_size=2)
 
 
 def test_workers_give_the_same_batches_and_report_bad_samples(
-    samples: list[Sample], prep: Preprocessors, tmp_path: Path
+    samples: list[Sample], prep: Preprocessors, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     bad = corrupt_copy(samples, tmp_path, 3)
     in_process = build_loader(dataset(bad, prep, skip_bad=True), 4, True, 2, 0, drop_last=False)
     main_ds = dataset(bad, prep, skip_bad=True)
     workers = build_loader(main_ds, 4, True, 2, 2, drop_last=False)
-    for _ in range(2):  # the epoch reaches the persistent workers
-        assert same_batches(list(in_process), list(workers))
-    assert [source for source, _ in main_ds.bad] == ["data.csv:5", "data.csv:5"]
+    with caplog.at_level("WARNING", logger="codebridge"):
+        for _ in range(3):  # the epoch reaches the persistent workers
+            assert same_batches(list(in_process), list(workers))
+    assert main_ds.bad == [("data.csv:5", main_ds.bad[0][1])]  # distinct samples, not one entry per epoch
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("skipping bad sample data.csv:5" in m for m in messages) == 2  # once per loader, not per epoch
+    assert sum("epoch 2: skipped 1 bad sample(s)" in m for m in messages) == 2  # a total every epoch
     strict = build_loader(dataset(bad, prep), 4, True, 2, 2, drop_last=False)
-    with pytest.raises(BadSampleError, match=r"data\.csv:5: image: cannot decode"):
+    with pytest.raises(BadSampleError, match=r"data\.csv:5: image .*broken\.png: .*; fix or remove the file, or pass"):
         list(strict)
 
 

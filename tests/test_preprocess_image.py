@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,9 @@ import torch
 from PIL import Image
 
 from codebridge.config import ImagePrep
-from codebridge.data.preprocess.image import ImageProcessor
+from codebridge.data.preprocess.image import ImageProcessor, to_rgb
+from codebridge.data.preprocess.source import decoding
+from codebridge.data.sample import BadSampleError
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -112,5 +116,163 @@ def test_load_rejects_bad_files_with_the_reason(tmp_path: Path, kind: str) -> No
     content = {"corrupt": b"not an image at all", "truncated": good[: len(good) // 2], "empty": b""}
     if kind != "missing":
         path.write_bytes(content[kind])
-    with pytest.raises(ValueError, match=r"does not exist|cannot decode|empty"):
+    with pytest.raises(ValueError, match=r"does not exist|cannot decode|not an image format|empty"):
         ImageProcessor(ImagePrep()).load(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every PIL mode -> the right 8-bit RGB, or a named error
+# ---------------------------------------------------------------------------------------------------------------
+WHITE = (255, 255, 255)
+
+
+def srgb_grey(lab_l: int) -> int:
+    """sRGB level of the neutral CIELAB colour with PIL's 8-bit L (L* = L / 2.55): CIE L* -> Y -> sRGB gamma."""
+    lightness = lab_l / 2.55
+    y = ((lightness + 16) / 116) ** 3 if lightness > 8 else lightness / 903.3
+    v = 1.055 * y ** (1 / 2.4) - 0.055 if y > 0.0031308 else 12.92 * y
+    return round(255 * v)
+
+
+def over(rgb: tuple[int, ...], alpha: int, bg: tuple[int, int, int] = WHITE) -> tuple[int, ...]:
+    return tuple(round((c * alpha + b * (255 - alpha)) / 255) for c, b in zip(rgb, bg, strict=True))
+
+
+def hsv(h: int, s: int, v: int) -> tuple[int, ...]:
+    import colorsys
+
+    return tuple(round(255 * c) for c in colorsys.hsv_to_rgb(h / 255, s / 255, v / 255))
+
+
+def cmyk(c: int, m: int, y: int, k: int) -> tuple[int, ...]:
+    """Naive CMYK (no colour profile): each channel (255 - ink) * (255 - black) / 255."""
+    return tuple(round((255 - ink) * (255 - k) / 255) for ink in (c, m, y))
+
+
+def ycbcr(y: int, cb: int, cr: int) -> tuple[int, ...]:
+    """JPEG (full-range ITU-R 601) YCbCr -> RGB."""
+    r, g, b = y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)
+    return tuple(min(255, max(0, round(c))) for c in (r, g, b))
+
+
+def palette(mode: str) -> Image.Image:
+    img = Image.new(mode, (2, 1))
+    img.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    img.putdata([0, 1] if mode == "P" else [(0, 255), (1, 64)])
+    return img
+
+
+def with_info(img: Image.Image, **info: object) -> Image.Image:
+    img.info.update(info)
+    return img
+
+
+def filled(mode: str, values: list) -> Image.Image:
+    img = Image.new(mode, (len(values), 1))
+    img.putdata(values)
+    return img
+
+
+# (mode or case name, image, expected RGB of each pixel, reference): every mode PIL opens or builds
+MODE_CASES = [
+    ("1", filled("1", [0, 255]), [(0, 0, 0), WHITE]),
+    ("L", filled("L", [0, 77, 255]), [(0, 0, 0), (77,) * 3, WHITE]),
+    ("L+transparency", with_info(filled("L", [0, 77]), transparency=0), [WHITE, (77,) * 3]),
+    ("LA", filled("LA", [(77, 255), (77, 128), (0, 0)]), [(77,) * 3, over((77,) * 3, 128), WHITE]),
+    ("La", filled("La", [(77, 255), (0, 0)]), None),  # premultiplied grey+alpha: PIL cannot convert it
+    ("P", palette("P"), [(10, 20, 30), (200, 100, 50)]),
+    ("P+transparency", with_info(palette("P"), transparency=1), [(10, 20, 30), WHITE]),
+    ("PA", palette("PA"), [(10, 20, 30), over((200, 100, 50), 64)]),
+    ("RGB", filled("RGB", [(1, 2, 3), (200, 100, 50)]), [(1, 2, 3), (200, 100, 50)]),
+    ("RGB+transparency", with_info(filled("RGB", [(1, 2, 3), (9, 9, 9)]), transparency=(9, 9, 9)), [(1, 2, 3), WHITE]),
+    ("RGBA", filled("RGBA", [(200, 100, 50, 255), (200, 100, 50, 100)]), [(200, 100, 50), over((200, 100, 50), 100)]),
+    ("RGBa", filled("RGBa", [(100, 50, 0, 128)]), [over((199, 100, 0), 128)]),  # premultiplied
+    ("RGBX", filled("RGBX", [(1, 2, 3, 0)]), [(1, 2, 3)]),
+    ("CMYK", filled("CMYK", [(0, 255, 0, 0), (10, 20, 30, 40)]), [cmyk(0, 255, 0, 0), cmyk(10, 20, 30, 40)]),
+    ("YCbCr", filled("YCbCr", [(100, 128, 128), (120, 90, 200)]), [(100,) * 3, ycbcr(120, 90, 200)]),
+    (
+        "HSV",
+        filled("HSV", [(0, 255, 255), (85, 255, 128), (30, 100, 200)]),
+        [hsv(0, 255, 255), hsv(85, 255, 128), hsv(30, 100, 200)],
+    ),
+    (
+        "LAB",
+        filled("LAB", [(128, 128, 128), (230, 128, 128), (0, 128, 128)]),
+        [(srgb_grey(128),) * 3, (srgb_grey(230),) * 3, (0, 0, 0)],
+    ),
+    *(
+        (mode, filled(mode, [0, 0x1234, 0xFFFF]), [(0, 0, 0), (0x12,) * 3, WHITE])
+        for mode in ("I", "I;16", "I;16B", "I;16L", "I;16N")
+    ),
+    ("I+transparency", with_info(filled("I;16", [0x1234, 7]), transparency=7), [(0x12,) * 3, WHITE]),
+    ("I out of range", filled("I", [0, 70000]), None),
+    ("F in [0, 1]", filled("F", [0.0, 0.25, 1.0]), [(0, 0, 0), (64,) * 3, WHITE]),
+    ("F in [0, 255]", filled("F", [0.0, 77.0, 255.0]), [(0, 0, 0), (77,) * 3, WHITE]),
+    ("F negative", filled("F", [-1.0, 0.5]), None),
+    ("F not finite", filled("F", [float("nan"), 0.5]), None),
+]
+
+
+def stored(img: Image.Image) -> bytes | None:
+    """The image as PNG or TIFF bytes when one of them reopens in the same mode with the same info, else None."""
+    for fmt in ("PNG", "TIFF"):
+        buf = io.BytesIO()
+        try:
+            img.save(buf, format=fmt, **{k: v for k, v in img.info.items() if k == "transparency"})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        back = Image.open(io.BytesIO(buf.getvalue()))
+        if back.mode == img.mode and back.info.get("transparency") == img.info.get("transparency"):
+            return buf.getvalue()
+    return None
+
+
+@pytest.mark.parametrize(("case", "img", "expected"), MODE_CASES, ids=[c[0] for c in MODE_CASES])
+def test_every_mode_decodes_to_the_reference_rgb_or_is_reported(case: str, img: Image.Image, expected: list) -> None:
+    proc = ImageProcessor(ImagePrep())
+    inputs = [img] + ([data] if (data := stored(img)) is not None else [])
+    for value in inputs:
+        if expected is None:
+            with pytest.raises(BadSampleError, match=r"La to|range|NaN|outside 0\.\.1"):
+                proc.load(value) if isinstance(value, bytes) else to_rgb_checked(value)
+            continue
+        rgb = proc.load(value) if isinstance(value, bytes) else to_rgb_checked(value)
+        assert rgb.mode == "RGB"
+        got = np.asarray(rgb)[0].astype(int)
+        assert np.abs(got - np.array(expected)).max() <= 1, (case, got.tolist(), expected)
+
+
+def to_rgb_checked(img: Image.Image) -> Image.Image:
+    """``to_rgb`` through the same error wrapping as ``load``."""
+    with decoding("image", b"in memory"):
+        return to_rgb(img, WHITE)
+
+
+def test_sixteen_bit_png_is_not_white() -> None:
+    """Issue 16 item 3: a 16-bit grey PNG decoded as all 255."""
+    img = Image.fromarray(np.array([[0x0100, 0x8000], [0xFF00, 0x2000]], dtype=np.uint16))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    assert np.asarray(ImageProcessor(ImagePrep()).load(buf.getvalue()))[..., 0].tolist() == [[1, 128], [255, 32]]
+
+
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A PNG header claiming ``width`` x ``height`` grey pixels, with one tiny compressed row: about 70 bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_a_named_bad_image_checked_before_decoding(recwarn: pytest.WarningsRecorder) -> None:
+    proc = ImageProcessor(ImagePrep())
+    limit = Image.MAX_IMAGE_PIXELS
+    for width in (10000, 20000):  # over PIL's warning limit, and over its error limit
+        with pytest.raises(
+            BadSampleError, match=rf"<\d+ bytes>: claims {width}x{width} pixels, more than the limit {limit}"
+        ):
+            proc.load(bomb_png(width, width))
+    assert limit == Image.MAX_IMAGE_PIXELS and not recwarn.list  # PIL's limit restored, no warning printed

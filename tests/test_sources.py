@@ -137,6 +137,23 @@ def test_tsv_by_extension_and_separator_from_config(media: Path) -> None:
     assert [s.texts for s in semicolon] == [s.texts for s in tsv]
 
 
+def test_csv_separator_is_sniffed_from_the_header_when_not_set(media: Path) -> None:
+    """OpenCLIP writes tab-separated .csv files by default; a comma in a caption must not fool the sniffer."""
+    rows = [r[:2] for r in COCO_ROWS] + [["images/blue.png", "blue, again"]]
+    tabbed = open_source(str(write_table(media / "openclip.csv", rows, "\t")), DataConfig())
+    commas = open_source(str(write_table(media / "commas.csv", [[f'"{c}"' for c in r] for r in rows])), DataConfig())
+    assert (
+        [s.texts for s in tabbed]
+        == [s.texts for s in commas]
+        == [
+            ["a red square", "red", "crimson block"],
+            ["a blue square", "blue, again"],
+        ]
+    )
+    with pytest.raises(ConfigError, match="one column only"):  # an explicit separator wins over sniffing
+        open_source(str(media / "openclip.csv"), DataConfig(csv_separator=","))
+
+
 def test_csv_audio_and_video_columns_and_custom_names(media: Path) -> None:
     rows = [
         ["img", "caption", "speech", "clip"],

@@ -80,3 +80,15 @@ def test_load_rejects_bad_files_with_the_reason(tmp_path: Path, content: bytes |
         path.write_bytes(content)
     with pytest.raises(ValueError, match=r"does not exist|cannot decode video|no frames"):
         VideoProcessor(VideoPrep(), PLAIN).load(str(path))
+
+
+def test_frames_larger_than_the_pixel_limit_are_refused_from_the_header(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image pixel limit (PIL.Image.MAX_IMAGE_PIXELS) holds per frame, checked before any frame is decoded."""
+    from PIL import Image
+
+    write_mp4(tmp_path / "clip.mp4", 3, size=32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match=r"clip\.mp4: claims 32x32 pixels per frame, more than the limit 1000"):
+        VideoProcessor(VideoPrep(), PLAIN).load(str(tmp_path / "clip.mp4"))

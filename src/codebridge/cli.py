@@ -107,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--window", type=float, default=0.25, help="localization: window side over image side (default 0.25)"
     )
+    ev.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="data.KEY=VALUE",
+        help="how to read --data (the model fixes the rest), e.g. --set data.skip_bad=true "
+        "--set data.csv_separator=';'",
+    )
 
     loc = sub.add_parser(
         "localize",
@@ -218,6 +227,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         label=args.label,
         batch_size=args.batch_size,
         window=args.window,
+        overrides=args.overrides,
     )
     text = json.dumps(metrics, indent=2)
     print(text, flush=True)  # first, so a write that fails after all still loses nothing computed

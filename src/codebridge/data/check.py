@@ -1,35 +1,26 @@
 """``codebridge data check``: read a dataset, decode every media file, and list every problem at once.
 
-Reading collects bad rows instead of stopping (``data.skip_bad`` semantics); decoding uses the same loaders as
-training, so a sample that passes here also loads in ``SampleDataset``.
+Reading collects bad rows instead of stopping (``data.skip_bad`` semantics); decoding is training's own
+``dataset.decode``, so a sample that passes here also loads in ``SampleDataset``. A spec without any sample fails.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
-from codebridge.config import Config, ConfigError, PrepConfig
-from codebridge.data.preprocess import AudioProcessor, ImageProcessor, VideoProcessor
-from codebridge.data.sample import MODALITIES
+from codebridge.config import Config, ConfigError
+from codebridge.data.dataset import decode
+from codebridge.data.preprocess import Preprocessors
+from codebridge.data.sample import MODALITIES, BadSampleError
 from codebridge.data.sources import Problem, Problems, read_source
-from codebridge.data.sources.spec import RowError
+from codebridge.data.sources.spec import MEDIA, RowError
 
-Loader = Callable[[str | bytes], Any]
-
-
-def make_loaders(prep: PrepConfig) -> dict[str, Loader]:
-    """The decoders training uses: each raises ValueError/OSError with a reason on a corrupt file."""
-    return {
-        "image": ImageProcessor(prep.image).load,
-        "audio": AudioProcessor(prep.audio).load,
-        "video": VideoProcessor(prep.video, prep.image).load,
-    }
+EMPTY = "no samples: the data holds no rows (or shard members) to train on; add some"
 
 
 @dataclass
@@ -42,7 +33,7 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and self.total > 0
 
     @property
     def bad(self) -> int:
@@ -55,6 +46,7 @@ class CheckReport:
         return {
             "spec": self.spec,
             "ok": self.ok,
+            **({} if self.total else {"error": EMPTY}),
             "total": self.total,
             "good": self.total - self.bad,
             "bad": self.bad,
@@ -64,6 +56,8 @@ class CheckReport:
 
     def render(self) -> str:
         lines = [f"{self.spec}: {self.total} sample(s), {self.total - self.bad} ok, {self.bad} bad"]
+        if not self.total:
+            return f"{self.spec}: {EMPTY}"
         if self.ok:
             return lines[0]
         lines.append("bad by reason: " + ", ".join(f"{kind} {n}" for kind, n in self.by_reason().items()))
@@ -81,17 +75,16 @@ def check_dataset(spec: str, cfg: Config, modalities: list[str] | None = None) -
     problems = Problems(skip=True)
     samples = read_source(spec, cfg.data, problems)
     rejected = len({p.source for p in problems.found})
-    loaders = make_loaders(cfg.prep)
+    prep = Preprocessors(cfg.prep)
     for sample in tqdm(samples, desc=f"checking {spec}", unit="sample", disable=None):
         for modality in required:
             if not sample.has(modality):
                 problems.add(sample.source, RowError(f"missing {modality}", f"no {modality} (required)", modality))
-        for modality, load in loaders.items():
-            value = getattr(sample, modality)
-            if value is None:
+        for modality in MEDIA:
+            if not sample.has(modality):
                 continue
             try:
-                load(value)
-            except (ValueError, OSError) as exc:
-                problems.add(sample.source, RowError(f"corrupt {modality}", str(exc), modality))
+                decode(prep, sample, modality)
+            except BadSampleError as err:
+                problems.add(sample.source, RowError(f"corrupt {modality}", err.reason, modality))
     return CheckReport(spec, len(samples) + rejected, problems.found)

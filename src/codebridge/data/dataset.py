@@ -19,13 +19,31 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from codebridge.config import Config
+from codebridge.config import Config, ConfigError
 from codebridge.data.preprocess import Preprocessors
+from codebridge.data.preprocess.source import DecodeError
 from codebridge.data.sample import MODALITIES, BadSampleError, Sample
 
 logger = logging.getLogger(__name__)
 
 Item = dict[str, Any]
+SKIP_BAD_HINT = "fix or remove the file, or pass --set data.skip_bad=true to skip (and count) bad samples"
+
+
+def decode(prep: Preprocessors, sample: Sample, modality: str) -> Any:
+    """The one decoding path for the media of a sample (training, evaluation and ``data check`` alike): the
+    decoded image (uint8 [H,W,3]), waveform or frames; any failure is a ``BadSampleError`` naming the sample's
+    source and the file."""
+    try:
+        decoded = getattr(prep, modality).load(getattr(sample, modality))
+    except DecodeError as exc:
+        raise BadSampleError(sample.source, str(exc)) from exc  # "image FILE: what is wrong"
+    return np.asarray(decoded) if modality == "image" else decoded  # [H,W,3] uint8: compact and picklable
+
+
+def with_hint(err: BadSampleError) -> BadSampleError:
+    """The error a user sees when samples are not skipped: what is wrong, then how to fix or skip it."""
+    return BadSampleError(err.source, f"{err.reason}; {SKIP_BAD_HINT}")
 
 
 def all_texts(samples: Iterable[Sample]) -> list[str]:
@@ -49,9 +67,10 @@ class SampleDataset(Dataset):
     ``__getitem__(i)`` -> {"index": i, "labels": {name: int}, modality: {name: tensor}}; "text" holds ONE
     caption (random at train time, the first at eval). A sample that lacks a modality or fails to decode raises
     ``BadSampleError`` naming its source; with ``skip_bad`` it gives None instead, and (source, reason) is
-    appended to ``bad`` and logged. With ``cache``, decoded inputs (image uint8 arrays, waveforms, frame
-    arrays; before any augmentation) stay in a per-process dict, so later epochs skip decoding: each
-    DataLoader worker (kept alive across epochs by ``build_loader``) holds its own copy of what it decoded.
+    appended to ``bad`` and logged, once per sample however many epochs meet it. With ``cache``, decoded inputs
+    (image uint8 arrays, waveforms, frame arrays; before any augmentation), and decoding failures, stay in a
+    per-process dict, so later epochs skip decoding: each DataLoader worker (kept alive across epochs by
+    ``build_loader``) holds its own copy of what it decoded.
     """
 
     def __init__(
@@ -80,7 +99,8 @@ class SampleDataset(Dataset):
         self.cache = cache
         self.seed = seed
         self.epoch = 0
-        self.bad: list[tuple[str, str]] = []
+        self.bad: list[tuple[str, str]] = []  # distinct bad samples, in the order first met
+        self._bad_sources: set[str] = set()
         self._decoded: dict[tuple[int, str], Any] = {}
 
     def __len__(self) -> int:
@@ -95,11 +115,15 @@ class SampleDataset(Dataset):
             return self.load(index, self.epoch)
         except BadSampleError as err:
             if not self.skip_bad:
-                raise
+                raise with_hint(err) from None
             self.record_bad(err.source, err.reason)
             return None
 
     def record_bad(self, source: str, reason: str) -> None:
+        """Count and log a skipped sample the first time it is met (later epochs meet it again silently)."""
+        if source in self._bad_sources:
+            return
+        self._bad_sources.add(source)
         self.bad.append((source, reason))
         logger.warning("skipping bad sample %s: %s", source, reason)
 
@@ -121,17 +145,15 @@ class SampleDataset(Dataset):
         if modality == "text":
             return sample.texts
         key = (index, modality)
-        if key in self._decoded:
-            return self._decoded[key]
-        try:
-            decoded = getattr(self.prep, modality).load(getattr(sample, modality))
-        except ValueError as exc:
-            raise BadSampleError(sample.source, f"{modality}: {exc}") from exc
-        if modality == "image":
-            decoded = np.asarray(decoded)  # [H,W,3] uint8: compact and picklable
-        if self.cache:
+        if key not in self._decoded:
+            try:
+                decoded: Any = decode(self.prep, sample, modality)
+            except BadSampleError as err:
+                decoded = err
+            if not self.cache:
+                return _raise_or_return(decoded)
             self._decoded[key] = decoded
-        return decoded
+        return _raise_or_return(self._decoded[key])
 
     def _preprocess(self, modality: str, decoded: Any, generator: torch.Generator) -> dict[str, torch.Tensor]:
         if modality == "image":
@@ -144,6 +166,12 @@ class SampleDataset(Dataset):
             mel = self.prep.audio(decoded, self.train, generator)
             return {"mel": mel, "mask": torch.ones(mel.shape[0], dtype=torch.bool)}
         return {"frames": self.prep.video(decoded, self.train, generator)}
+
+
+def _raise_or_return(decoded: Any) -> Any:
+    if isinstance(decoded, BadSampleError):
+        raise decoded
+    return decoded
 
 
 def collate(items: list[Item | None]) -> dict[str, Any] | None:
@@ -269,14 +297,23 @@ class Loader:
         return self._batches_of_epoch()
 
     def _batches_of_epoch(self) -> Iterator[dict[str, Any]]:
+        skipped = 0
         for batch, bad in self._loader:
             for item in bad:
                 if not self.dataset.skip_bad:
-                    raise BadSampleError(item.source, item.reason)
+                    raise with_hint(BadSampleError(item.source, item.reason))
                 self.dataset.record_bad(item.source, item.reason)
+            skipped += len(bad)
             self.position += 1
             if batch is not None:
                 yield batch
+        if skipped:
+            logger.warning(
+                "epoch %d: skipped %d bad sample(s) on this rank (%d distinct so far)",
+                self.epoch,
+                skipped,
+                len(self.dataset.bad),
+            )
 
 
 def build_loader(
@@ -289,16 +326,58 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     start_step: int = 0,
+    name: str = "the dataset",
 ) -> Loader:
-    """A deterministic (seed, epoch) -> order loader over this rank's shard; see ``Loader`` and ``EpochBatches``."""
+    """A deterministic (seed, epoch) -> order loader over this rank's shard; see ``Loader`` and ``EpochBatches``.
+    ``name`` is how an error calls the data (``data.train train.csv``)."""
     batches = EpochBatches(len(dataset), batch_size, shuffle, seed, drop_last, rank, world_size)
     if len(batches) == 0:
-        raise ValueError(
-            f"{len(dataset)} samples over {world_size} rank(s) make no batch of {batch_size}"
-            + (" with drop_last" if drop_last else "")
-            + "; lower train.batch_size or add data"
+        raise ConfigError(
+            f"{name}: {len(dataset)} sample(s) over {world_size} rank(s) make no "
+            + ("full " if drop_last else "")
+            + f"batch of train.batch_size={batch_size}; "
+            + (
+                "add data"
+                if len(dataset) < world_size
+                else f"lower train.batch_size (e.g. --set train.batch_size={len(dataset) // world_size}) or add data"
+            )
         )
     return Loader(dataset, batches, num_workers, start_step)
+
+
+class _Probe(Dataset):
+    """Whether each sample's media in ``modalities`` decode: None, or the ``_Bad`` that says why not."""
+
+    def __init__(self, samples: list[Sample], modalities: list[str], prep: Preprocessors) -> None:
+        self.samples, self.prep = samples, prep
+        self.modalities = [m for m in modalities if m != "text"]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> _Bad | None:
+        sample = self.samples[index]
+        for modality in self.modalities:
+            if sample.has(modality):
+                try:
+                    decode(self.prep, sample, modality)
+                except BadSampleError as err:
+                    return _Bad(err.source, err.reason)
+        return None
+
+
+def decodable(
+    samples: list[Sample], modalities: list[str], prep: Preprocessors, num_workers: int = 0
+) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """The samples whose media in ``modalities`` all decode, and (source, reason) of the others.
+
+    Why: evaluation with ``data.skip_bad`` must leave a bad sample out of every modality at once, before anything
+    is embedded, or the rows of the modalities and the labels would no longer line up.
+    """
+    probe = DataLoader(_Probe(samples, modalities, prep), batch_size=64, collate_fn=list, num_workers=num_workers)
+    verdicts = [verdict for batch in probe for verdict in batch]
+    good = [sample for sample, verdict in zip(samples, verdicts, strict=True) if verdict is None]
+    return good, [(v.source, v.reason) for v in verdicts if v is not None]
 
 
 def training_loader(
@@ -322,4 +401,5 @@ def training_loader(
         rank=rank,
         world_size=world_size,
         start_step=start_step,
+        name=f"data.train {data.train}",
     )

@@ -12,7 +12,7 @@ class BadSampleError(ValueError):
     """A sample cannot be used; the message names its source (file:line or shard:key) and how to fix it."""
 
     def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"{source}: {reason}")
+        super().__init__(f"{source}: {reason}" if source else reason)
         self.source = source
         self.reason = reason
 

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from codebridge.data.dataset import SampleDataset, collate
+from codebridge.data.dataset import SampleDataset, build_loader
 from codebridge.data.sample import Sample
 
 if TYPE_CHECKING:
@@ -29,13 +28,14 @@ def embed_dataset(
 ) -> Tensor:
     """``[N, E]``: one embedding per sample (text: its first caption), on the model's device.
 
-    A sample that lacks the modality or fails to decode stops with a ``BadSampleError`` naming its source:
-    skipping it would misalign the rows with the other modalities and the labels.
+    A sample that lacks the modality or fails to decode stops with a ``BadSampleError`` naming its source (raised
+    in this process, whichever worker met it): skipping it would misalign the rows with the other modalities and
+    the labels; ``evaluate_model`` leaves bad samples out before embedding when ``data.skip_bad`` is set.
     """
     if not samples:
         raise ValueError(f"no samples to embed for {modality}")
     dataset = SampleDataset(samples, [modality], model.preprocessors, train=False, cache=False)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    loader = build_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers, drop_last=False)
     return torch.cat([model.encode(modality, batch[modality], batch_size) for batch in loader])
 
 

@@ -8,6 +8,7 @@ modality is the first of image, video, audio that the model and the data have). 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from codebridge.config import ConfigError, DataConfig
+from codebridge.config import ConfigError, DataConfig, apply_overrides, from_dict, to_dict
+from codebridge.data.dataset import decodable
 from codebridge.data.sample import Sample
 from codebridge.data.sources import open_source, source_kind
 from codebridge.eval.codes import emoji_concept_groups, evaluate_codes
@@ -29,6 +31,8 @@ from codebridge.eval.zeroshot import build_classifier, names_from_meta, zeroshot
 
 if TYPE_CHECKING:
     from codebridge.models.model import CodeBridgeModel
+
+log = logging.getLogger(__name__)
 
 Metrics = dict[str, float]
 DEFAULT_LABELS = ("group", "subgroup")
@@ -84,6 +88,31 @@ class Job:
     def embed(self, modality: str, samples: list[Sample] | None = None) -> Tensor:
         samples = self.samples if samples is None else samples
         return embed_dataset(self.model, samples, modality, self.batch_size, self.data.num_workers)
+
+
+def read_samples(spec: str, data: DataConfig, model: CodeBridgeModel) -> list[Sample]:
+    """The samples of ``spec``; with ``data.skip_bad``, those whose media do not decode are left out (of every
+    modality at once), counted and logged."""
+    samples = open_source(spec, data)
+    if not data.skip_bad:
+        return samples
+    samples, bad = decodable(samples, list(model.modalities), model.preprocessors, data.num_workers)
+    if bad:
+        first = "; ".join(f"{source}: {reason}" for source, reason in bad[:3])
+        log.warning("%s: evaluation skipped %d bad sample(s) (data.skip_bad); first: %s", spec, len(bad), first)
+    return samples
+
+
+def eval_data_config(data: DataConfig, overrides: list[str]) -> DataConfig:
+    """The model's data config with ``--set data.KEY=VALUE`` overrides applied: how ``codebridge eval`` reads its
+    data (skip_bad, csv_separator, csv keys, num_workers...); the rest of the model's config cannot change."""
+    for item in overrides:
+        if not item.strip().startswith("data."):
+            raise ConfigError(
+                f"--set {item}: eval accepts data.* fields only (e.g. --set data.skip_bad=true, "
+                "--set data.csv_separator=';'); the model fixes everything else"
+            )
+    return from_dict(DataConfig, apply_overrides({"data": to_dict(data)}, overrides)["data"], "data")
 
 
 def label_values(samples: list[Sample], label: str) -> Tensor:
@@ -145,7 +174,7 @@ def default_train_spec(spec: str) -> str:
 
 def run_linear_probe(job: Job) -> Metrics:
     """``linear_probe_{label}_top1``: fit on the train spec's embeddings, score on the evaluated spec's."""
-    train_samples = open_source(job.train_spec or default_train_spec(job.spec), job.data)
+    train_samples = read_samples(job.train_spec or default_train_spec(job.spec), job.data, job.model)
     modality = job.classified(train_samples)
     train_x, test_x = job.embed(modality, train_samples), job.embed(modality)
     c = job.model.cfg.eval.linear_probe_c
@@ -203,7 +232,7 @@ def evaluate_model(
             "bridge has no codes"
         )
     data = model.cfg.data if data is None else data
-    samples = open_source(spec, data)
+    samples = read_samples(spec, data, model)
     if not samples:
         raise ConfigError(f"{spec}: no samples to evaluate")
     job = Job(model, spec, samples, data, batch_size, label, train_spec, artifacts, window)
@@ -220,12 +249,23 @@ def evaluate(
     batch_size: int = 256,
     artifacts: Path | None = None,
     window: float = DEFAULT_WINDOW,
+    overrides: list[str] | None = None,
 ) -> Metrics:
-    """``codebridge eval``: load the model folder (on a GPU when there is one) and evaluate it on ``spec``."""
+    """``codebridge eval``: load the model folder (on a GPU when there is one) and evaluate it on ``spec``, read
+    with the model's data config and ``overrides`` (``data.KEY=VALUE``, see ``eval_data_config``)."""
     import codebridge
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = codebridge.load(model_dir).to(device)
+    data = eval_data_config(model.cfg.data, overrides or [])
     return evaluate_model(
-        model, spec, task, train_spec=train_spec, label=label, batch_size=batch_size, artifacts=artifacts, window=window
+        model,
+        spec,
+        task,
+        train_spec=train_spec,
+        label=label,
+        batch_size=batch_size,
+        data=data,
+        artifacts=artifacts,
+        window=window,
     )

@@ -113,7 +113,7 @@ class Trainer:
     def __init__(self, cfg: Config, device: torch.device, resume: str | None) -> None:
         from codebridge.data.dataset import training_loader
         from codebridge.data.preprocess import Preprocessors
-        from codebridge.data.sources import open_source
+        from codebridge.data.sources import Problems, open_source, read_source
         from codebridge.models.model import CodeBridgeModel
 
         self.started = time.monotonic()
@@ -128,7 +128,8 @@ class Trainer:
         self._prepare_run_dir()
 
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights
-        samples = open_source(cfg.data.train, cfg.data)
+        self.read_problems = Problems(skip=cfg.data.skip_bad)  # logged once out.log is open
+        samples = read_source(cfg.data.train, cfg.data, self.read_problems)
         if cfg.data.val:
             open_source(cfg.data.val, cfg.data)  # a bad validation spec fails now, not after training
         self.tokenizer = self._tokenizer(samples)
@@ -143,6 +144,7 @@ class Trainer:
         self.loader = training_loader(cfg, samples, prep, rank(), world_size(), self.state.batches)
         self.log = RunLog(self.run_dir, enabled=rank() == 0, start_step=self.state.step)
         self.watch = CollapseWatch(cfg.train.batch_size * world_size())
+        self.read_problems.log(cfg.data.train)
         self.last_saved = self.checkpoint
         if self.checkpoint is not None:
             load_rng(self.checkpoint)
@@ -217,6 +219,8 @@ class Trainer:
                 self._save()
             self._save_model()
             self._evaluate()
+            if bad := self._bad_samples():
+                log.warning("skipped %d distinct bad sample(s) in all (data.skip_bad)", bad)
             log.info("done: %d steps in %.1f minutes; run folder %s", self.state.step, self._minutes(), self.run_dir)
             if self.watch.verdict:
                 log.warning("this run looks collapsed: %s", self.watch.verdict)
@@ -279,8 +283,16 @@ class Trainer:
             "usage": {n: reduced[n] for n in sorted(usage)},
             "samples_per_s": samples * world_size() / max(seconds, 1e-9),
             "samples_seen": self.state.samples_seen,
+            "bad_samples": self._bad_samples(),
             "elapsed_min": self._minutes(),
         }
+
+    def _bad_samples(self) -> int:
+        """Distinct samples skipped so far (data.skip_bad): rows rejected while reading data.train, plus those that
+        failed to decode on any rank."""
+        decoded = torch.tensor(float(len(self.loader.dataset.bad)), device=self.device)
+        read = len({p.source for p in self.read_problems.found})
+        return read + round(all_reduce_mean(decoded).item() * world_size())
 
     def _minutes(self) -> float:
         return (time.monotonic() - self.started) / 60

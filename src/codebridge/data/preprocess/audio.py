@@ -7,19 +7,24 @@ the audio encoder sizes its positions from the same formula.
 from __future__ import annotations
 
 import math
+import re
 from functools import lru_cache
 
 import soundfile as sf
 import torch
 
 from codebridge.config import AudioPrep
-from codebridge.data.preprocess.source import Source, as_file, describe
+from codebridge.data.preprocess.source import DecodeError, Source, as_file, decoding
 
 LOG_EPS = 1e-6
 NORM_EPS = 1e-2  # std floor of utterance normalisation (log units): a constant channel's float noise stays ~0
 ZERO_CROSSINGS = 16  # half-width of the resampling kernel, in zero crossings of its sinc
 ROLLOFF = 0.95  # lowpass cutoff as a fraction of the lower Nyquist frequency
 MAX_GAIN_DB = 6.0  # train-time random gain range (+-)
+RATES = (1000, 768_000)  # sample rates accepted from a file header, in Hz
+SHORT_DATA = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)  # libsndfile's log of a short WAV
+STREAMING_SIZES = (0, 0xFFFFFFFF)  # data sizes of WAVs written to a pipe: unknown length, not truncated
+MAX_KERNEL = 1 << 24  # resampling filter taps (64 MiB of float32): beyond it the rate ratio is not a usable fraction
 
 
 @lru_cache(maxsize=8)
@@ -38,6 +43,23 @@ def _resample_kernel(orig: int, new: int) -> tuple[torch.Tensor, int]:
     window = torch.where(t.abs() <= reach, torch.cos(t * math.pi / (2 * reach)) ** 2, 0.0)
     kernel = cutoff * torch.sinc(cutoff * t) * window
     return kernel.float()[:, None], reach
+
+
+def check_complete(log: str) -> None:
+    """Refuse a WAV whose data chunk claims more bytes than the file holds: libsndfile would silently return the
+    part that is there."""
+    if (short := SHORT_DATA.search(log)) and int(short[1]) not in STREAMING_SIZES and int(short[1]) > int(short[2]):
+        raise DecodeError(f"is truncated: its header promises {short[1]} bytes of samples, the file holds {short[2]}")
+
+
+def check_rate(rate: int, target: int) -> None:
+    """Refuse a header's sample rate that is absurd or whose ratio to ``target`` needs a giant polyphase filter."""
+    fix = f"convert the file to a common rate, e.g. ffmpeg -i IN -ar {target} OUT.wav"
+    if not RATES[0] <= rate <= RATES[1]:
+        raise DecodeError(f"sample rate {rate} Hz is outside {RATES[0]}..{RATES[1]} Hz; {fix}")
+    g = math.gcd(rate, target)
+    if (rate // g) * (target // g) > MAX_KERNEL:
+        raise DecodeError(f"sample rate {rate} Hz has no small ratio to {target} Hz for exact resampling; {fix}")
 
 
 def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
@@ -98,14 +120,15 @@ class AudioProcessor:
         self.max_samples = int(prep.max_seconds * prep.sample_rate)
 
     def load(self, src: Source) -> torch.Tensor:
-        """Decode WAV/FLAC/OGG (path or bytes), average the channels, resample -> FloatTensor[N]."""
-        try:
-            data, rate = sf.read(as_file(src), dtype="float32", always_2d=True)  # [N, channels]
-        except (sf.SoundFileError, RuntimeError) as exc:
-            raise ValueError(f"cannot decode audio {describe(src)}: {exc}") from exc
-        if data.shape[0] == 0:
-            raise ValueError(f"audio {describe(src)} has no samples")
-        return resample(torch.from_numpy(data).mean(dim=1), rate, self.prep.sample_rate)
+        """Decode WAV/FLAC/OGG (path or bytes), average the channels, resample -> FloatTensor[N]; any failure
+        (and a sample rate that cannot be resampled) is a ``DecodeError``."""
+        with decoding("audio", src), sf.SoundFile(as_file(src)) as f:
+            check_complete(f.extra_info)
+            data, rate = f.read(dtype="float32", always_2d=True), f.samplerate  # [N, channels]
+            if data.shape[0] == 0:
+                raise DecodeError("has no samples")
+            check_rate(rate, self.prep.sample_rate)
+            return resample(torch.from_numpy(data).mean(dim=1), rate, self.prep.sample_rate)
 
     def __call__(self, wave: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """Crop to ``max_seconds`` (random window at train, the start at eval), random gain at train, log-mel,

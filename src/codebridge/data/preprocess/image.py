@@ -1,5 +1,10 @@
 """Image preprocessing in PIL/numpy/torch: decode, composite alpha, crop+resize, colour jitter, normalise.
 
+Decoding takes every mode PIL opens to 8-bit RGB (``to_rgb``): 16-bit grey keeps its high byte (as PIL does for
+16-bit colour PNGs), floats in [0, 1] or [0, 255] are scaled, CIELAB goes through littlecms, alpha is composited on
+``prep.background``; anything that cannot be mapped, and any image larger than ``PIL.Image.MAX_IMAGE_PIXELS``
+(checked from the header, before decoding), is a ``DecodeError``.
+
 Train-time augmentation is a random resized crop and colour jitter; never a horizontal flip, because emoji
 (and the text in many images) are not mirror-symmetric. The augmentation is drawn once as an ``Augmentation``
 and applied by ``apply``, so a video can use the same parameters for all of its frames.
@@ -7,18 +12,103 @@ and applied by ``apply``, so a video can use the same parameters for all of its 
 
 from __future__ import annotations
 
+import io
 import math
+import threading
+import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from codebridge.config import ImagePrep
-from codebridge.data.preprocess.source import Source, as_file, describe
+from codebridge.data.preprocess.source import DecodeError, Source, as_file, decoding
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as PIL's "L" conversion
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grey (a 32-bit "I" must hold 16-bit values)
+BIT_DEPTH_FIX = "save it with 8 or 16 bits per channel"
+_UNCHECKED_OPEN = threading.Lock()  # guards the brief lift of PIL's global pixel limit in ``_header_size``
+
+
+def _header_size(file: str | io.BytesIO) -> tuple[int, int]:
+    """Width and height from the header of an image PIL refused to open as a decompression bomb."""
+    if isinstance(file, io.BytesIO):
+        file.seek(0)
+    with _UNCHECKED_OPEN:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(file) as img:
+                return img.size
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def open_checked(src: Source) -> Image.Image:
+    """Open (header only) and refuse an image with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` before any
+    decoding: a 100-byte PNG may claim 20000x20000 pixels (a decompression bomb)."""
+    file = as_file(src)
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        img = Image.open(file)
+        size = img.size
+    except Image.DecompressionBombError:
+        size = _header_size(file)
+    except UnidentifiedImageError:  # PIL's message names a BytesIO object: say what it means instead
+        raise DecodeError("not an image format PIL can read, or its header is damaged") from None
+    if limit is not None and size[0] * size[1] > limit:
+        raise DecodeError(
+            f"claims {size[0]}x{size[1]} pixels, more than the limit {limit} "
+            "(PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb or a corrupt header)"
+        )
+    return img
+
+
+@lru_cache(maxsize=1)
+def _lab_to_srgb() -> object:
+    from PIL import ImageCms
+
+    lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+    return ImageCms.buildTransform(lab, srgb, "LAB", "RGB")
+
+
+def _grey_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit integer or float grey -> 8-bit "L" (or "LA" when a transparent value is set)."""
+    values = np.asarray(img).astype(np.float64 if img.mode == "F" else np.int64)
+    if not np.isfinite(values).all():
+        raise DecodeError(f"{img.mode} image holds NaN or infinite pixels; {BIT_DEPTH_FIX}")
+    low, high = values.min(), values.max()
+    if img.mode == "F":
+        if low < 0 or high > 255:
+            raise DecodeError(f"float pixels span {low:g}..{high:g}, outside 0..1 and 0..255; {BIT_DEPTH_FIX}")
+        grey = np.round(values * (255.0 if high <= 1.0 else 1.0)).astype(np.uint8)
+    else:
+        if low < 0 or high > 65535:
+            raise DecodeError(f"{img.mode} pixels span {low}..{high}, outside the 16-bit range; {BIT_DEPTH_FIX}")
+        grey = (values >> 8).astype(np.uint8)  # the high byte: what PIL keeps of 16-bit colour PNGs
+    transparent = img.info.get("transparency")
+    if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+        alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([grey, alpha], axis=-1), "LA")
+    return Image.fromarray(grey, "L")
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, alpha (or a transparent colour) composited on ``background``."""
+    if img.mode in INTEGER_MODES or img.mode == "F":
+        img = _grey_to_8bit(img)
+    elif img.mode == "LAB":  # PIL's convert("RGB") would copy the L, a, b bytes as R, G, B
+        from PIL import ImageCms
+
+        img = ImageCms.applyTransform(img, _lab_to_srgb())
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -81,17 +171,12 @@ class ImageProcessor:
         self._std = torch.tensor(prep.std).view(3, 1, 1)
 
     def load(self, src: Source) -> Image.Image:
-        """Decode an image file (path or bytes) to RGB, alpha composited on ``prep.background``."""
-        try:
-            img = Image.open(as_file(src))
+        """Decode an image file (path or bytes) to 8-bit RGB (``to_rgb``); any failure is a ``DecodeError``."""
+        with decoding("image", src), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # damaged metadata, bomb warnings: the outcome is an image or an error
+            img = open_checked(src)
             img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # PIL reports truncated data as OSError
-            raise ValueError(f"cannot decode image {describe(src)}: {exc}") from exc
-        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-            rgba = img.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (*self.prep.background, 255))
-            return Image.alpha_composite(canvas, rgba).convert("RGB")
-        return img.convert("RGB")
+            return to_rgb(img, self.prep.background)
 
     def draw(self, width: int, height: int, generator: torch.Generator | None = None) -> Augmentation:
         """Random train-time augmentation parameters for an image of this size."""

@@ -11,10 +11,11 @@ import dataclasses
 import av
 import numpy as np
 import torch
+from PIL import Image
 
 from codebridge.config import ImagePrep, VideoPrep
 from codebridge.data.preprocess.image import ImageProcessor
-from codebridge.data.preprocess.source import Source, as_file, describe
+from codebridge.data.preprocess.source import DecodeError, Source, as_file, decoding
 
 
 def uniform_indices(total: int, count: int) -> list[int]:
@@ -22,6 +23,23 @@ def uniform_indices(total: int, count: int) -> list[int]:
     if total >= count:
         return [int((i + 0.5) * total / count) for i in range(count)]
     return list(range(total)) + [total - 1] * (count - total)
+
+
+def expected_frames(container: av.container.InputContainer) -> int | None:
+    """The frame count the header promises: the stream's, else (a video-only file) duration times frame rate."""
+    stream = container.streams.video[0]
+    if stream.frames:
+        return stream.frames
+    if len(container.streams) == 1 and container.duration and stream.average_rate:
+        return round(container.duration / av.time_base * stream.average_rate)
+    return None
+
+
+def check_complete(decoded: int, expected: int | None) -> None:
+    """A truncated clip decodes to fewer frames without any error from FFmpeg: compare with the header (10% and one
+    frame of slack for rounding and variable frame rates)."""
+    if expected is not None and expected - decoded > max(1.0, 0.1 * expected):
+        raise DecodeError(f"is truncated or corrupt: decoded {decoded} of the {expected} frames its header promises")
 
 
 class VideoProcessor:
@@ -32,17 +50,20 @@ class VideoProcessor:
         self.image = ImageProcessor(dataclasses.replace(image, size=prep.size))
 
     def load(self, src: Source) -> np.ndarray:
-        """Every frame of the first video stream as RGB uint8 [T_all,H,W,3]."""
-        try:
-            with av.open(as_file(src)) as container:
-                if not container.streams.video:
-                    raise ValueError(f"{describe(src)} has no video stream")
-                frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        except av.FFmpegError as exc:
-            raise ValueError(f"cannot decode video {describe(src)}: {exc}") from exc
-        if not frames:
-            raise ValueError(f"video {describe(src)} has no frames")
-        return np.stack(frames)
+        """Every frame of the first video stream as RGB uint8 [T_all,H,W,3]; any failure, and a frame larger than
+        ``PIL.Image.MAX_IMAGE_PIXELS`` (checked from the header), is a ``DecodeError``."""
+        with decoding("video", src), av.open(as_file(src)) as container:
+            if not container.streams.video:
+                raise DecodeError("has no video stream")
+            stream = container.streams.video[0]
+            width, height, limit = stream.codec_context.width, stream.codec_context.height, Image.MAX_IMAGE_PIXELS
+            if limit is not None and width * height > limit:
+                raise DecodeError(f"claims {width}x{height} pixels per frame, more than the limit {limit}")
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            if not frames:
+                raise DecodeError("has no frames")
+            check_complete(len(frames), expected_frames(container))
+            return np.stack(frames)
 
     def __call__(self, frames: np.ndarray, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """Uniformly sampled, preprocessed frames -> FloatTensor[T,3,S,S] (one augmentation for the whole clip)."""

@@ -3,7 +3,9 @@
 Columns (names from ``DataConfig``): the caption column ``csv_caption_key`` and at least one media column
 (``csv_image_key``, ``csv_audio_key``, ``csv_video_key``); ``label:NAME`` columns hold integer labels; any other
 column is ignored. Rows naming the same media files form one item with several captions in row order, so
-COCO-style files (five captions per image) and one-pair-per-row files both work.
+COCO-style files (five captions per image) and one-pair-per-row files both work. The separator is
+``data.csv_separator``, else tab for ``.tsv`` and, for ``.csv``, whichever of tab and comma the header line holds
+more of (OpenCLIP writes tab-separated ``.csv`` files by default). The file must be UTF-8.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from codebridge.config import ConfigError, DataConfig
 from codebridge.data.sample import Sample
@@ -20,6 +23,7 @@ from codebridge.data.sources.spec import (
     Problems,
     RowError,
     clean_texts,
+    encoding_error,
     existing_file,
     media_path,
 )
@@ -74,36 +78,61 @@ def parse_row(row: list[str], columns: Columns, folder: Path) -> tuple[dict[str,
     return media, clean_texts([row[columns.caption]])[0], labels
 
 
+def sniff_separator(path: Path) -> str:
+    """Tab or comma, whichever the header line of a ``.csv`` holds more of (comma on a tie)."""
+    with path.open("rb") as f:
+        header = f.readline()
+    return "\t" if header.count(b"\t") > header.count(b",") else ","
+
+
 @SOURCES.register("csv")
 def read_csv(spec: str, data: DataConfig, problems: Problems) -> list[Sample]:
     path = existing_file(spec)
-    separator = data.csv_separator or ("\t" if path.suffix.lower() == ".tsv" else ",")
-    folder = path.resolve().parent
-    items: dict[tuple[str, ...], tuple[Sample, int]] = {}  # media paths -> (item, its first line)
+    try:
+        return _read_rows(spec, path, data, problems)
+    except UnicodeDecodeError:
+        raise encoding_error(path) from None
+
+
+def _read_rows(spec: str, path: Path, data: DataConfig, problems: Problems) -> list[Sample]:
+    separator = data.csv_separator or ("\t" if path.suffix.lower() == ".tsv" else sniff_separator(path))
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=separator)
-        header = next(reader, None)
-        if header is None:
-            raise ConfigError(f"{path}: empty file; expected a header row such as {data.csv_image_key},title")
-        columns = find_columns(path, header, data)
-        start = reader.line_num + 1
-        for row in reader:
-            line, start = start, reader.line_num + 1
-            if not any(cell.strip() for cell in row):
-                continue
-            source = f"{spec}:{line}"
-            try:
-                media, caption, labels = parse_row(row, columns, folder)
-                group = tuple(media.get(m, "") for m in MEDIA)
-                if group not in items:
-                    key = "+".join(row[columns.media[m]].strip() for m in MEDIA if m in media)
-                    items[group] = (Sample(key=key, source=source, texts=[], labels=labels, **media), line)
-                sample, first = items[group]
-                if sample.labels != labels:
-                    raise RowError(
-                        "malformed row", f"labels {labels} differ from {sample.labels} of line {first} (same media)"
-                    )
-                sample.texts.append(caption)
-            except RowError as error:
-                problems.add(source, error)
+        try:
+            return _parse(spec, path, reader, data, problems)
+        except csv.Error as exc:  # e.g. a field past csv.field_size_limit(): an unclosed quote swallowing the file
+            raise ConfigError(
+                f"{path}:{reader.line_num}: unreadable CSV ({exc}); close the quote that opens the field, or quote "
+                "fields holding the separator"
+            ) from None
+
+
+def _parse(spec: str, path: Path, reader: Any, data: DataConfig, problems: Problems) -> list[Sample]:
+    """Samples from the rows of a ``csv.reader``: the header, then one caption per row, grouped by media."""
+    folder = path.resolve().parent
+    items: dict[tuple[str, ...], tuple[Sample, int]] = {}  # media paths -> (item, its first line)
+    header = next(reader, None)
+    if header is None:
+        raise ConfigError(f"{path}: empty file; expected a header row such as {data.csv_image_key},title")
+    columns = find_columns(path, header, data)
+    start = reader.line_num + 1
+    for row in reader:
+        line, start = start, reader.line_num + 1
+        if not any(cell.strip() for cell in row):
+            continue
+        source = f"{spec}:{line}"
+        try:
+            media, caption, labels = parse_row(row, columns, folder)
+            group = tuple(media.get(m, "") for m in MEDIA)
+            if group not in items:
+                key = "+".join(row[columns.media[m]].strip() for m in MEDIA if m in media)
+                items[group] = (Sample(key=key, source=source, texts=[], labels=labels, **media), line)
+            sample, first = items[group]
+            if sample.labels != labels:
+                raise RowError(
+                    "malformed row", f"labels {labels} differ from {sample.labels} of line {first} (same media)"
+                )
+            sample.texts.append(caption)
+        except RowError as error:
+            problems.add(source, error)
     return [sample for sample, _ in items.values()]

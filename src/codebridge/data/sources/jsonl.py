@@ -2,7 +2,8 @@
 
 Keys: ``image``, ``audio``, ``video`` (paths, relative to the file's folder), ``text`` (a caption or a list of
 captions), optional ``key`` (default ``<file stem>-<line>``), ``labels`` ({name: int}) and ``meta`` (any object).
-Any other key is an error, so a misspelt ``caption`` is caught instead of silently dropping the text.
+Any other key is an error, so a misspelt ``caption`` is caught instead of silently dropping the text. The file must
+be UTF-8.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from codebridge.data.sources.spec import (
     Problems,
     RowError,
     clean_texts,
+    encoding_error,
     existing_file,
     media_path,
     parse_labels,
@@ -66,13 +68,16 @@ def read_jsonl(spec: str, data: DataConfig, problems: Problems) -> list[Sample]:
     path = existing_file(spec)
     folder = path.resolve().parent
     samples = []
-    with path.open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            source = f"{spec}:{lineno}"
-            try:
-                samples.append(Sample(source=source, **parse_object(line, folder, f"{path.stem}-{lineno}")))
-            except RowError as error:
-                problems.add(source, error)
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                source = f"{spec}:{lineno}"
+                try:
+                    samples.append(Sample(source=source, **parse_object(line, folder, f"{path.stem}-{lineno}")))
+                except RowError as error:
+                    problems.add(source, error)
+    except UnicodeDecodeError:
+        raise encoding_error(path) from None
     return samples

@@ -26,6 +26,7 @@ ACCEPTED = (
 )
 MEDIA = ("image", "audio", "video")  # the modalities stored as files
 SKIP_HINT = "or skip and count such samples with --set data.skip_bad=true"
+ICONV_HINT = "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT (when it was written as Latin-1)"
 
 
 class RowError(ValueError):
@@ -92,6 +93,30 @@ def existing_file(spec: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"data file {spec} does not exist")
     return path
+
+
+def not_utf8(raw: bytes, error: UnicodeDecodeError) -> str:
+    """Where ``raw`` stops being UTF-8 ("line L, byte B (0xXX)", counted within ``raw``) and how to convert it."""
+    line = raw.count(b"\n", 0, error.start) + 1
+    return f"not UTF-8 at line {line}, byte {error.start} (0x{raw[error.start]:02x}); {ICONV_HINT}"
+
+
+def encoding_error(path: Path) -> ConfigError:
+    """The first byte of a text data file that is not UTF-8, with its line; found by reading the file again.
+
+    Why line by line: a newline byte never occurs inside a multi-byte UTF-8 character, so lines decode alone."""
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                byte = raw[error.start]
+                return ConfigError(
+                    f"{path}:{number}: byte {offset + error.start} (0x{byte:02x}) is not UTF-8; {ICONV_HINT}"
+                )
+            offset += len(raw)
+    return ConfigError(f"{path}: not UTF-8 text; {ICONV_HINT}")  # unreachable for a file that failed to decode
 
 
 def media_path(value: str, folder: Path, modality: str) -> str:

@@ -21,7 +21,7 @@ from webdataset.tariterators import base_plus_ext
 
 from codebridge.config import DataConfig
 from codebridge.data.sample import BadSampleError, Sample
-from codebridge.data.sources.spec import SOURCES, Problems, RowError, clean_texts, parse_labels
+from codebridge.data.sources.spec import SOURCES, Problems, RowError, clean_texts, not_utf8, parse_labels
 
 EXTENSIONS = {
     "image": ("jpg", "jpeg", "png", "webp"),
@@ -84,11 +84,19 @@ def read_members(path: Path) -> tuple[list[tuple[str, Members]], str | None]:
     return groups, None
 
 
+def utf8_member(raw: bytes, ext: str) -> str:
+    """A text member as str; a ``RowError`` naming the line and byte where it stops being UTF-8."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise RowError("malformed row", f"the .{ext} member is {not_utf8(raw, error)}", "text") from None
+
+
 def parse_info(raw: bytes) -> dict[str, Any]:
     """The ``abc.json`` member: key/labels/meta/texts, with any other key folded into meta."""
     try:
-        info = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        info = json.loads(utf8_member(raw, "json"))
+    except json.JSONDecodeError as exc:
         raise RowError("malformed row", f"the .json member is not valid JSON ({exc})") from None
     if not isinstance(info, dict):
         raise RowError("malformed row", f"the .json member must hold an object, got {type(info).__name__}")
@@ -119,10 +127,7 @@ def to_sample(source: str, key: str, members: Members) -> Sample:
             raise RowError("malformed row", f"two {modality} members for one key; keep one", modality)
         setattr(sample, modality, MediaBytes(data, ext))
     if "txt" in members:
-        try:
-            lines = members["txt"].decode("utf-8").split("\n")
-        except UnicodeDecodeError:
-            raise RowError("malformed row", "the .txt member is not UTF-8 text", "text") from None
+        lines = utf8_member(members["txt"], "txt").split("\n")
         sample.texts = clean_texts([line for line in lines if line.strip()])
     if "json" in members:
         for name, value in parse_info(members["json"]).items():
