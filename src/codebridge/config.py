@@ -202,6 +202,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: off
     accum_steps: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"
+    grad_sync: Literal["overlap", "manual"] = "overlap"  # overlap: DDP during backward; manual: one all-reduce after
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 200
