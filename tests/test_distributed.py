@@ -120,38 +120,37 @@ class _RecordingTrainer(Trainer):
         return result
 
 
-def _train_worker(rank: int, world: int, init_file: str, cfg: Config) -> None:
+def _train_worker(rank: int, world: int, init_file: str, configs: list[Config]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        _RecordingTrainer(cfg, torch.device("cpu"), None).run()
+        for cfg in configs:
+            _RecordingTrainer(cfg, torch.device("cpu"), None).run()
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("accum_steps", [1, 2])
-def test_codebook_is_identical_on_every_rank_after_each_step(
-    shapes: dict[str, Path],  # noqa: F811
-    tmp_path: Path,
-    accum_steps: int,
-) -> None:
-    """Two gloo ranks on different data: the EMA codebook (codes, cluster sizes and sums, unused-batch counters,
-    dead-code restarts) and every other parameter stay bit-identical on both ranks after every step."""
-    steps, threshold = 6, 2
-    overrides = ["model.bridge.name=codebook", "model.bridge.codebook={size: 64, dead_code_threshold: 2}"]
-    overrides += [f"train.steps={steps}", f"train.accum_steps={accum_steps}", "train.batch_size=4", "data.val=null"]
-    cfg = tiny_config(shapes, tmp_path / "run", *overrides)
-    mp.spawn(_train_worker, args=(2, str(tmp_path / "rendezvous"), cfg), nprocs=2, join=True)
-    restarts = 0
-    for step in range(1, steps + 1):
-        first, second = (load_file(tmp_path / "run" / f"state-{step}-rank{r}.safetensors") for r in range(2))
-        assert first.keys() == second.keys()
-        assert any(k.startswith("bridge.codebook.") for k in first)
-        for name, value in first.items():
-            assert torch.equal(value, second[name]), f"step {step}: {name} differs between ranks"
-        restarts += int((first["bridge.codebook.cluster_size"] == 1.0).sum())  # a restart sets N = 1 exactly
-        assert int(first["bridge.codebook.unused_steps"].max()) < threshold
-    assert restarts > 0  # dead-code restarts happened (rank 0's vectors, broadcast) and stayed in step
+def test_codebook_is_identical_on_every_rank_after_each_step(shapes: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    """Two gloo ranks on different data, accumulating 1 and 2 micro-batches: the EMA codebook (codes, cluster sizes
+    and sums, unused-batch counters, dead-code restarts) and every parameter stay bit-identical on both ranks
+    after every step."""
+    steps, threshold, accumulations = 6, 2, (1, 2)
+    overrides = ["model.bridge.name=codebook", f"model.bridge.codebook={{size: 64, dead_code_threshold: {threshold}}}"]
+    overrides += [f"train.steps={steps}", "train.batch_size=4", "data.val=null"]
+    configs = [tiny_config(shapes, tmp_path / f"accum{a}", *overrides, f"train.accum_steps={a}") for a in accumulations]
+    mp.spawn(_train_worker, args=(2, str(tmp_path / "rendezvous"), configs), nprocs=2, join=True)
+    for accum in accumulations:
+        restarts = 0
+        for step in range(1, steps + 1):
+            run = tmp_path / f"accum{accum}"
+            first, second = (load_file(run / f"state-{step}-rank{r}.safetensors") for r in range(2))
+            assert first.keys() == second.keys()
+            assert any(k.startswith("bridge.codebook.") for k in first)
+            for name, value in first.items():
+                assert torch.equal(value, second[name]), f"accum {accum}, step {step}: {name} differs between ranks"
+            restarts += int((first["bridge.codebook.cluster_size"] == 1.0).sum())  # a restart sets N = 1 exactly
+            assert int(first["bridge.codebook.unused_steps"].max()) < threshold
+        assert restarts > 0, accum  # dead-code restarts happened (rank 0's vectors, broadcast) and stayed in step
 
 
 def test_torchrun_matches_one_process_with_the_global_batch(shapes: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
