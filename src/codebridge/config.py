@@ -307,6 +307,7 @@ class TrainConfig:
     grad_clip: float = num(1.0, ge=0)  # 0: off
     accum_steps: int = num(1, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
+    grad_sync: Literal["overlap", "manual"] = "overlap"  # overlap: DDP during backward; manual: one all-reduce after
     log_every: int = num(10, ge=1)
     eval_every: int = num(0, ge=0)  # 0: only at the end
     checkpoint_every: int = num(200, ge=0)  # 0: only at the end

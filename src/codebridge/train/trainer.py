@@ -38,7 +38,7 @@ from codebridge.train.health import CollapseWatch, unhealthy
 from codebridge.train.metrics_log import RunLog
 from codebridge.train.optim import WarmupCosine, build_optimizer, lr_at
 from codebridge.train.parallel import (
-    average_gradients,
+    GradientSync,
     barrier,
     broadcast_state,
     init_distributed,
@@ -136,6 +136,7 @@ class Trainer:
         prep = Preprocessors(cfg.prep, self.tokenizer)
         self.model = CodeBridgeModel(cfg, cfg.data.modalities, prep).to(device)
         broadcast_state(self.model)
+        self.grad_sync = GradientSync(self.model, cfg.train.grad_sync, cfg.train.accum_steps)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = WarmupCosine(self.optimizer, cfg.train)
         self.state = TrainState(world_size=world_size())
@@ -245,12 +246,12 @@ class Trainer:
             self.state.batches = self.loader.position  # counts all-bad batches the loader left out
             samples += len(batch["index"])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                loss, micro_parts = self.model.loss(batch, self.state.step)
+                loss, micro_parts = self.grad_sync.loss(batch, self.state.step)
             (loss / cfg.accum_steps).backward()
             losses.append(loss.detach().float())
             for name, value in micro_parts.items():
                 parts[name] += value.detach().float() / cfg.accum_steps
-        average_gradients(self.model)
+        self.grad_sync.finish()
         step_loss = all_reduce_mean(torch.stack(losses).mean()).item()
         if not math.isfinite(step_loss):
             raise TrainingDiverged(self.state.step + 1, f"loss is {step_loss}", dict(parts), self.last_saved)
