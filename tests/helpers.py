@@ -27,3 +27,12 @@ def small_config() -> Config:
     cfg.model.video.heads = 2
     cfg.model.bridge.embed_dim = 8
     return cfg
+
+
+def small_bridge_config(bridge: str) -> Config:
+    """``small_config`` with the bridge ``bridge`` and its discrete space shrunk to 16 codes/tokens (FDT dim 8)."""
+    cfg = small_config()
+    cfg.model.bridge.name = bridge
+    cfg.model.bridge.codebook.size = 16
+    cfg.model.bridge.fdt.num_tokens, cfg.model.bridge.fdt.dim = 16, 8
+    return cfg

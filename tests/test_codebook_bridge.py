@@ -201,12 +201,15 @@ def test_dominant_codes_and_agreement():
             {"weight": model.token_proj["image"].weight[:, :5], "bias": model.token_proj["image"].bias}
         )
     image = Features(torch.cat([tokens, torch.randn_like(f.tokens[..., 5:])], -1), f.mask, f.summary)
-    model({"image": image, "text": Features(tokens, f.mask, f.summary[:, :5])})
-    stats = model.usage_stats()
+    pair = {"image": image, "text": Features(tokens, f.mask, f.summary[:, :5])}
+    model(pair)
+    assert model.usage() == {}  # evaluation forwards are not counted
+    model.train()(pair)
+    stats = model.usage()
     assert stats["codebook/agreement/image-text"] == 1.0 and stats["codebook/agreement"] == 1.0
     assert stats["codebook/usage/image"] == stats["codebook/usage/text"] > 0
     assert {"codebook/perplexity", "codebook/dead_fraction", "codebook/perplexity/text"} <= set(stats)
-    assert model.usage_stats() == {}
+    assert model.usage() == {}
 
 
 def test_bad_config_names_the_field():
@@ -315,7 +318,7 @@ def test_training_matches_codes_across_modalities(one_thread):
         optimizer.step()
         cmcm.append(logs["loss/cmcm"])
         if step % 20 == 19:
-            agreement.append(model.usage_stats()["codebook/agreement"])
+            agreement.append(model.usage()["codebook/agreement"])
     first, last = sum(cmcm[:10]) / 10, sum(cmcm[-10:]) / 10
     assert last < 0.8 * first, (first, last)
     assert agreement[-1] > agreement[0] + 0.3 and agreement[-1] > 0.6, agreement

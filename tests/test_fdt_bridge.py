@@ -198,21 +198,22 @@ def test_weight_decay_of_the_token_table():
     assert _bridge(_cfg(token_weight_decay=False)).no_weight_decay() == {"logit_scale.log_scale", "tokens"}
 
 
-def test_usage_stats():
+def test_usage_counts_training_forwards_only():
     bridge = _bridge(_cfg(temperature=0.05))
     batches = [_features(seed=s) for s in (1, 2)]
     weights = {"image": [], "text": []}
     for feats in batches:
         for m, out in bridge(feats, step=0).items():
             weights[m].append(out.extras["weights"])
-    stats = bridge.usage_stats()
+    bridge.eval()(_features(seed=3))  # an evaluation in between is not counted
+    stats = bridge.usage()
     for m, ws in weights.items():
         w = torch.cat(ws)
         assert math.isclose(stats[f"fdt/{m}/used"], (w > 0).any(0).double().mean().item())
         assert math.isclose(stats[f"fdt/{m}/active"], (w > 0).sum(-1).double().mean().item())
     same_top = torch.cat(weights["image"]).argmax(-1) == torch.cat(weights["text"]).argmax(-1)
     assert math.isclose(stats["fdt/agree/image-text"], same_top.double().mean().item())
-    assert bridge.usage_stats() == {}  # counters restart after every call
+    assert bridge.usage() == {}  # counters restart after every call
 
 
 def test_bad_config_and_inputs_are_reported():
@@ -275,3 +276,18 @@ def test_two_processes_equal_one_process(tmp_path):
             assert torch.allclose(r["grads"][name], p.grad, atol=1e-5), name
     for m, x in inputs.items():
         assert torch.allclose(torch.cat([r["inputs"][m] for r in ranks]), x.grad, atol=1e-5), m
+
+
+@pytest.mark.parametrize("activation", ["sparsemax", "softmax", "sigmoid"])
+@pytest.mark.parametrize("topk", [True, False])
+def test_position_weights_are_the_forward_activation(activation, topk):
+    """The discrete space's per-position weights are the bridge's own activation at its stored temperature: on a
+    one-position input they equal the weights ``forward`` pools, whatever the activation and sparsemax variant."""
+    bridge = _bridge(_cfg(activation=activation, topk_sparsemax=topk, sparsemax_k=1, temperature=0.3)).eval()
+    bridge.step.fill_(25)  # a decayed temperature: the weights must use it too
+    single = {m: Features(f.tokens[:, :1], f.mask[:, :1] | True, f.summary) for m, f in _features().items()}
+    space = bridge.discrete_space()
+    with torch.no_grad():
+        for m, out in bridge(single).items():
+            torch.testing.assert_close(space.weights(m, single[m])[:, 0], out.extras["weights"], rtol=0, atol=1e-12)
+            assert torch.equal(space.assignments(m, single[m])[:, 0], out.extras["weights"].argmax(-1))

@@ -13,8 +13,9 @@ from codebridge.config import Config, ConfigError
 from codebridge.data.dataset import SampleDataset, collate
 from codebridge.data.preprocess import Preprocessors, Tokenizer
 from codebridge.data.sample import Sample
+from codebridge.models.bridges import import_bridges
 from codebridge.models.bridges.base import BRIDGES
-from codebridge.models.model import CodeBridgeModel, import_bridges
+from codebridge.models.model import CodeBridgeModel
 from helpers import small_config
 
 torch.set_num_threads(1)

@@ -214,7 +214,8 @@ def test_broken_analysis_image_is_named(tmp_path):
 def test_clip_run_has_no_code_usage(tmp_path):
     run, _ = make_run(tmp_path, bridge="clip", analysis=False)
     page = build_report(run, queries=1).read_text()
-    assert "clip bridge is the continuous baseline" in page
+    assert "clip: continuous baseline" in page  # the bridge describes itself
+    assert "The clip bridge has no shared discrete space" in page
     assert len(re.findall(r'<div class="query">', page)) == 1
 
 
@@ -232,14 +233,16 @@ def test_metrics_series_flatten_trainer_and_flat_records(tmp_path):
     assert folder.last_train["step"] == 50
 
 
-def test_training_and_usage_panels_group_keys():
+def test_training_and_usage_panels_group_keys(tmp_path):
     series = {k: [(1, 1.0), (2, 0.5)] for k in train_record(1, "codebook")["parts"]}
     series |= {"loss": [(1, 2.0)], "lr": [(1, 0.1)], "epoch": [(1, 0.0)], "fdt/temperature": [(1, 1.0)]}
-    series |= {k: [(1, 0.5)] for k in ("codebook/usage/image", "codebook/usage/text", "codebook/perplexity")}
-    titles = [title for title, _ in training_panels(series)]
+    usage = {"codebook/usage/image", "codebook/usage/text", "codebook/perplexity", "toy/used/image"}
+    series |= {k: [(1, 0.5)] for k in usage}
+    titles = [title for title, _ in training_panels(series, usage)]
     assert titles == ["loss", "loss per modality pair", "learning rate", "logit scale", "fdt/temperature",
                       "grad_norm"]  # fmt: skip
-    assert [title for title, _ in usage_panels(series)] == ["perplexity", "usage"]
+    assert [title for title, _ in usage_panels(series, usage)] == ["perplexity", "usage", "used"]
+    assert read_run(make_run(tmp_path, analysis=False)[0]).usage_names == set(train_record(1, "codebook")["usage"])
     assert usage_family("fdt/agree/image-text") == "agree"
     assert usage_family("codebook/agreement") == "agreement"
     assert usage_family("fdt/audio/active") == "active"

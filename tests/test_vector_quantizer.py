@@ -246,7 +246,9 @@ def test_usage_and_perplexity():
     assert perplexity(torch.zeros(4)) == 0.0
     vq = quantizer().eval()
     x, mask = batch()
-    codes = vq({"a": x, "b": x[:2]}, {"a": mask, "b": mask[:2]})
+    vq({"a": x}, {"a": mask})
+    assert vq.usage_stats() == {}  # evaluation forwards are not counted
+    codes = vq.train()({"a": x, "b": x[:2]}, {"a": mask, "b": mask[:2]})
     stats = vq.usage_stats()
     used_a = codes["a"].codes[mask].unique()
     assert math.isclose(stats["usage/a"], len(used_a) / K)

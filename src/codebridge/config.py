@@ -260,7 +260,7 @@ class FdtConfig:
 
 @dataclass
 class BridgeConfig:
-    name: Literal["clip", "codebook", "fdt"] = "clip"
+    name: str = "clip"  # a registered bridge (models/bridges/, or one added with @BRIDGES.register); checked below
     embed_dim: int = num(128, ge=1)
     init_logit_scale: float = num(1 / 0.07, gt=0)
     max_logit_scale: float = num(100.0, gt=0)
@@ -268,6 +268,11 @@ class BridgeConfig:
     margin: float = num(0.0, ge=0)  # optional margin on the positive logit (masked margin softmax)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     fdt: FdtConfig = field(default_factory=FdtConfig)
+
+    def __post_init__(self) -> None:
+        from codebridge.models.bridges import bridge_class  # lazy: the registry imports torch and the bridges
+
+        bridge_class(self.name)
 
 
 @dataclass

@@ -1,15 +1,16 @@
-"""Code analysis: what each shared code (``codebook``) or FDT token (``fdt``) stands for, across modalities.
+"""Code analysis: what each element of a bridge's shared discrete space (a ``codebook`` code, an FDT token)
+stands for, across modalities.
 
-Every real position (image patch, word token, audio frame, video frame) is assigned its code: the nearest
-codebook entry, or the FDT token it grounds on most strongly (argmax of ``code_affinity``). Positions get
-concept labels where the data says what they show: a scene patch whose centre lies in an object's box and the
-tokens of that object's words get the object's concept; in a labelled sample (one emoji + its name) every
-position gets the sample's concept. <sot>/<eot> and unlabelled positions (background, "left of") take part in
-usage only. Measured against these labels: NMI and purity (``sum_k max_c n_kc / N``) for concepts and groups,
+Every real position (image patch, word token, audio frame, video frame) is assigned its code: the argmax of the
+bridge's ``DiscreteSpace.scores`` (``code_affinity``; the nearest codebook entry, the FDT token it grounds on most
+strongly). Positions get concept labels where the data says what they show: a scene patch whose centre lies in an
+object's box and the tokens of that object's words get the object's concept; in a labelled sample (one emoji + its
+name) every position gets the sample's concept. <sot>/<eot> and unlabelled positions (background, "left of") take
+part in usage only. Measured against these labels: NMI and purity (``sum_k max_c n_kc / N``) for concepts and groups,
 overall and per modality, and the fraction of concepts whose most frequent code is the same in every modality.
 Purity and NMI both rise with the number of codes used, so read them next to ``codes_used``.
 
-The ``clip`` bridge has no codes; analysing it raises a ConfigError that says so.
+A bridge without a discrete space (``clip``) has no codes; analysing it raises a ConfigError that says so.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from codebridge.config import ConfigError
 from codebridge.data.preprocess.text import SPECIAL_TOKENS
 from codebridge.data.sample import Sample
 from codebridge.eval.localization import (
-    DISCRETE,
     code_affinity,
+    discrete_space,
     encode_features,
     grid_size,
     inference,
@@ -296,12 +297,7 @@ def evaluate_codes(
     ``groups`` maps concept -> group (default: from the samples' labels). Scene objects carry only a concept, so
     for the built-in scenes pass ``emoji_concept_groups(root)``.
     """
-    name = model.cfg.model.bridge.name
-    if name not in DISCRETE:
-        raise ConfigError(
-            f"the {name} bridge has no codes or tokens to analyse; run --task codes on a {' or '.join(DISCRETE)} "
-            "model (every bridge can be localized: --task localization)"
-        )
+    discrete_space(model)  # a clear error for a bridge without codes, before any data is encoded
     modalities = [m for m in model.modalities if samples and all(s.has(m) for s in samples)]
     if not modalities:
         raise ConfigError(f"no modality of the model ({', '.join(model.modalities)}) is in every sample")

@@ -2,16 +2,9 @@
 matches, read off each bridge's shared space, and the pointing game that scores it against ground-truth boxes.
 
 Position similarity ``sim[b, q, t]`` between query positions (words, audio frames) and target positions
-(patches, video frames), per bridge (docs/localization.md):
-
-- ``codebook``: soft code assignments ``p = softmax_k(-||h - e_k||)`` per position (the CMCM distribution before
-  it is averaged over positions); ``sim[q, t] = sum_k p_q(k) p(t | k)`` with ``p(t | k) = p_t(k) / sum_t' p_t'(k)``:
-  the chance that a code drawn by the word is drawn at position t. Codes shared by the whole image (background)
-  spread over all its positions, so positions sharing *rare* codes with the word stand out. A map sums to 1.
-- ``fdt``: the query's FDT weights ``w_q = activation(s_q)`` (sparsemax over its row of token x FDT scores) dotted
-  with each target position's scores ``s_t``: how strongly that position grounds on the tokens the word selects.
-- ``clip``: no fine-grained shared space, so the baseline is the cosine of the positions' tokens after the
-  bridge's summary projections (image patches are not what the projection was trained on).
+(patches, video frames) is the bridge's own ``affinity`` (models/bridges/, docs/localization.md): code posteriors
+for ``codebook``, FDT weights against grounding scores for ``fdt``, projected-token cosines for ``clip``. A bridge
+without one (``affinity`` returns None) cannot draw word maps; window scoring (eval/windows.py) still works.
 
 A word's map is the mean of its tokens' rows; a heatmap is that map on the patch grid [G, G]. The pointing game
 that scores maps against boxes is in eval/pointing.py; window scoring, the summary-only alternative, in
@@ -27,22 +20,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from codebridge.config import ConfigError
 from codebridge.data.preprocess.image import centre_square
 from codebridge.data.preprocess.text import Tokenizer
-from codebridge.models.bridges.sparsemax import sparsemax
-from codebridge.models.bridges.vector_quantizer import SQRT_FLOOR, squared_distances
+from codebridge.models.bridges.base import DiscreteSpace
 from codebridge.models.features import Features
 
 if TYPE_CHECKING:
     from codebridge.models.model import CodeBridgeModel
 
 Box = Sequence[float]  # x0, y0, x1, y1 in source-image pixels
-DISCRETE = ("codebook", "fdt")
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -77,51 +67,35 @@ def grid_size(num_patches: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ shared space
-def code_affinity(model: CodeBridgeModel, modality: str, features: Features) -> Tensor:
-    """[B, T, K] how strongly each position belongs to each code (codebook: -L2 distance) or FDT token (fdt:
-    the grounding score s); its argmax is the position's code. Padded rows are 0 (use ``features.mask``)."""
-    bridge, name = model.bridge, model.cfg.model.bridge.name
-    if name == "codebook":
-        h = bridge.token_proj[modality](features.tokens)
-        embed = bridge.codebook.embed
-        d2 = squared_distances(h.flatten(0, 1).to(embed.dtype), embed).clamp_min(SQRT_FLOOR)
-        affinity = -d2.sqrt().view(*h.shape[:2], -1)
-    elif name == "fdt":
-        affinity = bridge.token_fdt_scores({modality: features})[modality]
-    else:
+def discrete_space(model: CodeBridgeModel) -> DiscreteSpace:
+    """The bridge's shared codes/tokens; a ConfigError when it has none."""
+    space = model.bridge.discrete_space()
+    if space is None:
         raise ConfigError(
-            f"the {name} bridge has no shared codes or tokens; code analysis needs a codebook or fdt model "
-            "(localization works for every bridge: --task localization)"
+            f"the {model.cfg.model.bridge.name} bridge has no codes or tokens to analyse (its discrete_space() is "
+            "None); run --task codes on a bridge with a discrete space (bridges with a position affinity can still be "
+            "localized: --task localization)"
         )
-    return affinity.masked_fill(~features.mask.unsqueeze(-1), 0.0)
+    return space
 
 
-def _fdt_weights(model: CodeBridgeModel, scores: Tensor) -> Tensor:
-    """The bridge's activation applied to each position's own row of scores (not pooled)."""
-    activation = model.cfg.model.bridge.fdt.activation
-    if activation == "sparsemax":
-        return sparsemax(scores)
-    return torch.softmax(scores, -1) if activation == "softmax" else torch.sigmoid(scores)
+def code_affinity(model: CodeBridgeModel, modality: str, features: Features) -> Tensor:
+    """[B, T, K] how strongly each position belongs to each code or token (the bridge's ``DiscreteSpace.scores``);
+    its argmax is the position's code. Padded rows are 0 (use ``features.mask``)."""
+    return discrete_space(model).scores(modality, features)
 
 
 def position_similarity(model: CodeBridgeModel, query: str, q: Features, target: str, t: Features) -> Tensor:
-    """[B, Tq, Tt] similarity of every query position to every target position of the same pair (see the module
-    docstring); padded target positions are -inf, padded query rows are meaningless."""
-    name = model.cfg.model.bridge.name
-    if name == "codebook":
-        pq = torch.softmax(code_affinity(model, query, q), -1)
-        pt = torch.softmax(code_affinity(model, target, t), -1) * t.mask.unsqueeze(-1)
-        sim = pq @ (pt / pt.sum(1, keepdim=True).clamp_min(1e-12)).transpose(1, 2)  # sum_k p_q(k) p(t | k)
-    elif name == "fdt":
-        wq = _fdt_weights(model, code_affinity(model, query, q))
-        sim = wq @ code_affinity(model, target, t).transpose(1, 2)
-    elif name == "clip":
-        proj = model.bridge.proj
-        eq, et = F.normalize(proj[query](q.tokens), dim=-1), F.normalize(proj[target](t.tokens), dim=-1)
-        sim = eq @ et.transpose(1, 2)
-    else:
-        raise ConfigError(f"localization does not know the {name} bridge; it knows clip, {', '.join(DISCRETE)}")
-    return sim.masked_fill(~t.mask.unsqueeze(1), float("-inf"))
+    """[B, Tq, Tt] similarity of every query position to every target position of the same pair (the bridge's
+    ``affinity``); padded target positions are -inf, padded query rows are meaningless."""
+    sim = model.bridge.affinity(query, q, target, t)
+    if sim is None:
+        raise ConfigError(
+            f"the {model.cfg.model.bridge.name} bridge has no position affinity (its affinity() is None), so it "
+            "cannot map words onto patches or frames; localize with window scoring instead (codebridge localize "
+            "--method windows)"
+        )
+    return sim.masked_fill(~t.mask.bool().unsqueeze(1), float("-inf"))
 
 
 # ------------------------------------------------------------------------------------------------ words

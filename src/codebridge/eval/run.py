@@ -197,8 +197,11 @@ def evaluate_model(
     """
     if task not in TASKS:
         raise ConfigError(f"unknown eval task {task!r}; choose one of {', '.join(TASKS)}")
-    if task == "codes" and model.cfg.model.bridge.name == "clip":
-        raise TaskNotAvailable("code analysis needs a discrete bridge (codebook or fdt); the clip bridge has no codes")
+    if task == "codes" and model.bridge.discrete_space() is None:
+        raise TaskNotAvailable(
+            f"code analysis needs a bridge with a discrete space (codes or tokens); the {model.cfg.model.bridge.name} "
+            "bridge has no codes"
+        )
     data = model.cfg.data if data is None else data
     samples = open_source(spec, data)
     if not samples:

@@ -7,10 +7,8 @@ the model offline, and nothing pickled.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
-import pkgutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,7 @@ from codebridge.config import Config, ConfigError, from_dict, to_dict
 from codebridge.data.preprocess import PREP_FILE, Preprocessors, Tokenizer
 from codebridge.data.preprocess.text import TOKENIZER_FILE
 from codebridge.data.sample import MODALITIES
-from codebridge.models import bridges
-from codebridge.models.bridges.base import BRIDGES
+from codebridge.models.bridges import bridge_class
 from codebridge.models.encoders import ENCODERS
 from codebridge.models.features import BridgeOutput
 
@@ -36,12 +33,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 Batch = dict[str, Any]
-
-
-def import_bridges() -> None:
-    """Import every module of ``codebridge.models.bridges`` so each bridge registers itself in ``BRIDGES``."""
-    for info in pkgutil.iter_modules(bridges.__path__):
-        importlib.import_module(f"{bridges.__name__}.{info.name}")
 
 
 class CodeBridgeModel(nn.Module):
@@ -66,9 +57,8 @@ class CodeBridgeModel(nn.Module):
         self.modalities = list(modalities)
         self.preprocessors = preprocessors
         self.encoders = nn.ModuleDict({m: self._build_encoder(m) for m in self.modalities})
-        import_bridges()
         widths = {m: enc.width for m, enc in self.encoders.items()}
-        self.bridge = BRIDGES.get(cfg.model.bridge.name)(cfg.model.bridge, widths)
+        self.bridge = bridge_class(cfg.model.bridge.name)(cfg.model.bridge, widths)
 
     def _build_encoder(self, modality: str) -> nn.Module:
         if modality == "text":
@@ -91,7 +81,7 @@ class CodeBridgeModel(nn.Module):
             raise KeyError(f"the batch has none of the model's modalities {self.modalities}; it has {sorted(batch)}")
         return self.bridge({m: self.encoders[m](batch[m]) for m in present}, step)
 
-    def loss(self, batch: Batch, step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.bridge.loss(self(batch, step), step)
 
     # ---------------------------------------------------------------------------------------------- inference

@@ -33,6 +33,7 @@ class ModelViews:
     parameters: int | None = None
     examples: Examples | None = None
     usage: CodeUsage | None = None
+    discrete: bool | None = None  # whether the bridge has a discrete space (None: no model)
     missing: str = ""
 
 
@@ -66,7 +67,9 @@ def model_views(run: RunFolder, queries: int, batch_size: int, max_samples: int)
     model = load_model(run)
     if model is None:
         return ModelViews(missing=f"{run.model_dir} does not exist yet; training writes it when it finishes")
-    views = ModelViews(parameters=sum(p.numel() for p in model.parameters()))
+    views = ModelViews(
+        parameters=sum(p.numel() for p in model.parameters()), discrete=model.bridge.discrete_space() is not None
+    )
     samples, views.missing = validation_samples(run, max_samples)
     if not samples:
         return views
@@ -99,7 +102,7 @@ def build_report(
         sections.examples_section(views.examples, views.missing, cfg.data.val),
         sections.localization_section(run),
         sections.codes_section(run),
-        sections.usage_section(run, views.usage, views.missing),
+        sections.usage_section(run, views.usage, views.missing, views.discrete),
         sections.other_artefacts_section(run),
     ]
     written = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")

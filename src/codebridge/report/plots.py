@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +27,6 @@ DPI = 100
 # Keys plotted in the fixed training panels, and bookkeeping keys that are not plotted at all.
 FIXED_PANELS = {"lr": "learning rate", "logit_scale": "logit scale", "samples_per_s": "throughput (samples/s)"}
 NOT_PLOTTED = {"epoch", "samples_seen", "elapsed_min", "step"}
-USAGE_NAMESPACES = ("fdt", "codebook", "usage")
-SCHEDULE_KEYS = {"fdt/temperature"}  # under a usage namespace but a training schedule, not a usage statistic
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 
@@ -79,22 +77,17 @@ def line_panel(title: str, series: Series) -> str:
 
 
 def usage_family(key: str) -> str:
-    """The statistic a usage key measures, without namespace, modality or pair: ``fdt/image/used`` -> ``used``,
-    ``codebook/agreement/image-text`` -> ``agreement``; keys of one family share a panel and a scale."""
-    parts = key.split("/")
-    if parts[0] in USAGE_NAMESPACES and len(parts) > 1:
-        parts = parts[1:]
+    """The statistic a usage key (``namespace/statistic[/modality or pair]``, see ``Bridge.usage``) measures, without
+    namespace, modality or pair: ``fdt/image/used`` -> ``used``, ``codebook/agreement/image-text`` -> ``agreement``;
+    keys of one family share a panel and a scale."""
+    parts = key.split("/")[1:] or [key]
     named = [p for p in parts if p not in MODALITIES and not all(q in MODALITIES for q in p.split("-"))]
     return named[0] if named else key
 
 
-def is_usage_key(key: str) -> bool:
-    return key not in SCHEDULE_KEYS and (key.split("/")[0] in USAGE_NAMESPACES or "agree" in key)
-
-
-def training_panels(train: Series) -> list[Panel]:
+def training_panels(train: Series, usage: Collection[str] = ()) -> list[Panel]:
     """Loss (total and top-level parts), loss per modality pair, lr, logit scale, throughput, then every other
-    logged scalar that is not a usage statistic (gradient norm, FDT temperature, ...)."""
+    logged scalar that is not a usage statistic (``usage``: the names the bridge logged as usage)."""
     panels: list[Panel] = []
     losses = {k: v for k, v in train.items() if k == "loss" or (k.startswith("loss/") and k.count("/") == 1)}
     pairs = {k: v for k, v in train.items() if k.startswith("loss/") and k.count("/") > 1}
@@ -105,19 +98,18 @@ def training_panels(train: Series) -> list[Panel]:
     for key, title in FIXED_PANELS.items():
         if key in train:
             panels.append((title, line_panel(title, {key: train[key]})))
-    shown = {*losses, *pairs, *FIXED_PANELS, *NOT_PLOTTED}
+    shown = {*losses, *pairs, *FIXED_PANELS, *NOT_PLOTTED, *usage}
     for key in sorted(train):
-        if key not in shown and not is_usage_key(key):
+        if key not in shown:
             panels.append((key, line_panel(key, {key: train[key]})))
     return panels
 
 
-def usage_panels(train: Series) -> list[Panel]:
+def usage_panels(train: Series, usage: Collection[str]) -> list[Panel]:
     """One panel per usage family (used fraction, perplexity, agreement, ...) with a line per modality/pair."""
     families: dict[str, Series] = {}
-    for key in sorted(train):
-        if is_usage_key(key):
-            families.setdefault(usage_family(key), {})[key] = train[key]
+    for key in sorted(set(train) & set(usage)):
+        families.setdefault(usage_family(key), {})[key] = train[key]
     return [(name, line_panel(name, series)) for name, series in families.items()]
 
 

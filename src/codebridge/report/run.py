@@ -36,6 +36,7 @@ class RunFolder:
     train: Series = field(default_factory=dict)  # train records: loss, lr, parts, usage, throughput
     evals: Series = field(default_factory=dict)  # eval records logged during training
     last_train: dict[str, Any] = field(default_factory=dict)  # the last train record, flattened
+    usage_names: set[str] = field(default_factory=set)  # train keys logged under "usage" (the bridge's usage())
     final_eval: dict[str, Any] | None = None  # eval.json
     eval_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval/NAME.json -> metrics
     analysis_images: list[Path] = field(default_factory=list)  # analysis/**/*.png|jpg
@@ -71,11 +72,13 @@ def is_eval_record(record: dict[str, Any]) -> bool:
     return record.get("kind") == "eval" or (record.get("kind") is None and isinstance(record.get("metrics"), dict))
 
 
-def read_metrics(path: Path) -> tuple[Series, Series, dict[str, Any]]:
-    """(train series, eval series, last train record) of ``metrics.jsonl``; a bad line names file:line."""
+def read_metrics(path: Path) -> tuple[Series, Series, dict[str, Any], set[str]]:
+    """(train series, eval series, last train record, names of usage statistics) of ``metrics.jsonl``; a bad line
+    names file:line."""
     train: Series = {}
     evals: Series = {}
     last: dict[str, Any] = {}
+    usage: set[str] = set()
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -89,10 +92,11 @@ def read_metrics(path: Path) -> tuple[Series, Series, dict[str, Any]]:
         target = evals if is_eval_record(record) else train
         if target is train:
             last = flat
+            usage |= set(record["usage"]) if isinstance(record.get("usage"), dict) else set()
         for name, value in flat.items():
             if name != "step" and is_number(value):
                 target.setdefault(name, []).append((int(record["step"]), float(value)))
-    return train, evals, last
+    return train, evals, last, usage
 
 
 def read_run(run_dir: Path) -> RunFolder:
@@ -105,7 +109,7 @@ def read_run(run_dir: Path) -> RunFolder:
         raise FileNotFoundError(f"{config_path} is missing; {run_dir} is not a run folder written by codebridge train")
     run = RunFolder(run_dir, load_config(config_path), config_path.read_text())
     if (run_dir / METRICS_FILE).is_file():
-        run.train, run.evals, run.last_train = read_metrics(run_dir / METRICS_FILE)
+        run.train, run.evals, run.last_train, run.usage_names = read_metrics(run_dir / METRICS_FILE)
     if (run_dir / EVAL_FILE).is_file():
         run.final_eval = _metrics_file(run_dir / EVAL_FILE)
     for path in sorted((run_dir / EVAL_DIR).glob("*.json")):

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from codebridge.config import Config
+from codebridge.models.bridges import bridge_class
 from codebridge.report import plots
 from codebridge.report.examples import Examples
 from codebridge.report.html import (
@@ -39,17 +40,8 @@ MAX_IMAGES = 24  # analysis images shown per section
 
 # ------------------------------------------------------------------------------------------------ summary
 def describe_bridge(cfg: Config) -> str:
-    bridge = cfg.model.bridge
-    if bridge.name == "codebook":
-        cb = bridge.codebook
-        return (
-            f"codebook: {cb.size} shared VQ codes (dim {cb.dim or bridge.embed_dim}), CMCM weight {cb.cmcm_weight}, "
-            f"fusion lambda {cb.fusion_lambda}"
-        )
-    if bridge.name == "fdt":
-        fdt = bridge.fdt
-        return f"fdt: {fdt.num_tokens} shared tokens of dim {fdt.dim}, {fdt.activation}, {fdt.pooling} pooling"
-    return f"clip: continuous baseline, embedding dim {bridge.embed_dim}"
+    """The bridge's own one-line description of itself with the run's settings."""
+    return bridge_class(cfg.model.bridge.name).describe(cfg.model.bridge)
 
 
 def describe_encoder(cfg: Config, modality: str) -> str:
@@ -107,7 +99,7 @@ def training_section(run: RunFolder) -> Section:
     if not run.train:
         body = not_computed("training curves", "RUN/metrics.jsonl is missing or empty; codebridge train writes it")
         return Section("training", "Training curves", body)
-    panels = plots.training_panels(run.train)
+    panels = plots.training_panels(run.train, run.usage_names)
     evaluated = plots.eval_panel(run.evals)
     if evaluated:
         panels.append(evaluated)
@@ -322,20 +314,22 @@ def other_artefacts_section(run: RunFolder) -> Section | None:
 
 
 # ------------------------------------------------------------------------------------------------ usage
-def usage_section(run: RunFolder, usage: CodeUsage | None, missing: str) -> Section:
-    if run.config.model.bridge.name == "clip":
-        body = hint("The clip bridge is the continuous baseline: it has no shared codes, so there is no code usage.")
+def usage_section(run: RunFolder, usage: CodeUsage | None, missing: str, discrete: bool | None = None) -> Section:
+    """``discrete``: whether the model's bridge has a discrete space (None: no model to ask)."""
+    if discrete is False:
+        name = run.config.model.bridge.name
+        body = hint(f"The {name} bridge has no shared discrete space (codes or tokens), so there is no code usage.")
         return Section("usage", "Code usage", body)
     body = hint(
         "How much of the shared discrete space the run uses. Used fraction near 1 and a high perplexity mean many "
         "codes share the load; agreement is how often paired inputs pick the same dominant code."
     )
-    panels = plots.usage_panels(run.train)
+    panels = plots.usage_panels(run.train, run.usage_names)
     body += text("h3", "during training (from metrics.jsonl)")
     body += (
         grid([plot(uri, f"code usage: {title}") for title, uri in panels])
         if panels
-        else not_computed("usage statistics during training", "RUN/metrics.jsonl has no fdt/ or codebook/ entries")
+        else not_computed("usage statistics during training", "RUN/metrics.jsonl has no usage entries")
     )
     body += text("h3", "on the validation data (from the model)")
     body += usage_view(usage) if usage is not None else not_computed("code usage of the model", missing)

@@ -53,7 +53,8 @@ MODEL_DIR = "model"
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf; nothing was saved for that step, so checkpoints stay good."""
 
-    def __init__(self, step: int, what: str, parts: dict[str, float], checkpoint: Path | None) -> None:
+    def __init__(self, step: int, what: str, parts: dict[str, Any], checkpoint: Path | None) -> None:
+        parts = {k: float(v) for k, v in parts.items()}  # device tensors become numbers here (a failed step only)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
         where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been written yet"
         super().__init__(
@@ -195,8 +196,9 @@ class Trainer:
         while True:
             yield from self.loader
 
-    def _step(self, batches: Any) -> tuple[float, dict[str, float], int, float]:
-        """One optimizer step; returns (loss, parts, samples on this rank, seconds)."""
+    def _step(self, batches: Any) -> tuple[float, dict[str, Any], int, float]:
+        """One optimizer step; returns (loss, parts as device tensors (grad_norm a float), samples on this rank,
+        seconds). Parts stay on the device: they become numbers once per log line, in ``_record``."""
         cfg = self.cfg.train
         started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -210,7 +212,7 @@ class Trainer:
             (loss / cfg.accum_steps).backward()
             losses.append(loss.detach().float())
             for name, value in micro_parts.items():
-                parts[name] += float(value) / cfg.accum_steps
+                parts[name] += value.detach().float() / cfg.accum_steps
         average_gradients(self.model)
         step_loss = all_reduce_mean(torch.stack(losses).mean()).item()
         if not math.isfinite(step_loss):
@@ -230,9 +232,10 @@ class Trainer:
     def _record(self, meter: _Meter) -> dict[str, Any]:
         """The log line of the steps since the last one, averaged over steps and ranks."""
         loss, parts, samples, seconds = meter.pop()
-        usage = self.model.bridge.usage_stats()
+        usage = self.model.bridge.usage()
         names = sorted(parts) + sorted(usage)
-        values = all_reduce_mean(torch.tensor([parts.get(n, usage.get(n)) for n in names], device=self.device))
+        values = [torch.as_tensor(parts.get(n, usage.get(n)), dtype=torch.float32) for n in names]
+        values = all_reduce_mean(torch.stack([v.to(self.device) for v in values]))
         reduced = dict(zip(names, values.tolist(), strict=True))
         return {
             "step": self.state.step,

@@ -1,9 +1,12 @@
-"""What every bridge shares: the registry, the learnable logit scale and the symmetric InfoNCE over ranks."""
+"""What every bridge shares: the registry, the interface eval and the report ask (``Bridge``, ``DiscreteSpace``), the
+learnable logit scale and the symmetric InfoNCE over ranks."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +80,52 @@ def pairwise_contrastive(
     return torch.stack(list(parts.values())).sum(), parts
 
 
+def detached(logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Loss parts for the log: tensors without their graph; the trainer makes numbers of them once per log line."""
+    return {name: value.detach() for name, value in logs.items()}
+
+
+PerPosition = Callable[[str, Features], torch.Tensor]  # (modality, its encoder features) -> a tensor
+
+
+@dataclass(frozen=True)
+class DiscreteSpace:
+    """A bridge's shared discrete space (codes, tokens) as code analysis, localization and the report read it.
+
+    Every function takes a modality and its encoder ``Features`` (tokens [B, T, D], mask [B, T]) and answers with the
+    bridge's own computation (no copy of it outside the bridge):
+
+    - ``scores`` [B, T, K]: how strongly each position belongs to each element (higher: more); its argmax is the
+      position's assignment. Padded positions are 0.
+    - ``weights`` [B, T, K]: the bridge's per-position assignment weights (code posteriors, token activations).
+      Padded positions are 0.
+    - ``mass`` [B, K]: how much each input uses each element, in ``mass_unit``; the report sums it over the data.
+    """
+
+    unit: str  # what one element is called in reports: "code", "token"
+    vectors: torch.Tensor  # [K, D] the elements
+    scores: PerPosition
+    weights: PerPosition
+    mass: PerPosition
+    mass_unit: str  # what ``mass`` counts, e.g. "token positions"
+
+    @property
+    def size(self) -> int:
+        """K, the number of elements."""
+        return self.vectors.shape[0]
+
+    def assignments(self, modality: str, features: Features) -> torch.Tensor:
+        """[B, T] long: each position's element (argmax of ``scores``), -1 at padding."""
+        return self.scores(modality, features).argmax(-1).masked_fill(~features.mask.bool(), -1)
+
+
 class Bridge(nn.Module):
-    """Base class: subclasses map encoder ``Features`` to ``BridgeOutput`` and define the training loss."""
+    """Base class: subclasses map encoder ``Features`` to ``BridgeOutput`` and define the training loss.
+
+    Everything outside ``models/bridges/`` asks the bridge (never its name or its internals): ``describe`` for
+    reports, ``discrete_space`` for code analysis and usage, ``affinity`` for localization, ``usage`` for the
+    training log. The defaults describe a bridge without a discrete space or position affinity.
+    """
 
     def __init__(self, cfg: BridgeConfig, widths: dict[str, int]) -> None:
         super().__init__()
@@ -89,8 +136,30 @@ class Bridge(nn.Module):
     def forward(self, features: dict[str, Features], step: int = 0) -> dict[str, BridgeOutput]:
         raise NotImplementedError
 
-    def loss(self, outputs: dict[str, BridgeOutput], step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, outputs: dict[str, BridgeOutput], step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, named parts to log); parts are detached tensors (``detached``), never Python numbers, so
+        computing them never waits for the device."""
         raise NotImplementedError
+
+    @classmethod
+    def describe(cls, cfg: BridgeConfig) -> str:
+        """One line for reports: what this bridge is with the settings ``cfg`` (a class method: a report describes a
+        run from its config without building the model)."""
+        return f"{cfg.name}: {cls.__name__}, embedding dim {cfg.embed_dim}"
+
+    def discrete_space(self) -> DiscreteSpace | None:
+        """The shared codes/tokens, or None for a bridge without a discrete space (no code analysis or usage)."""
+        return None
+
+    def affinity(self, query: str, q: Features, target: str, t: Features) -> torch.Tensor | None:
+        """[B, Tq, Tt] similarity of every query position to every target position of the same pair (higher: more
+        alike), the map localization draws; values at padded positions are ignored. None: not supported."""
+        return None
+
+    def usage(self) -> dict[str, float]:
+        """Usage statistics (``namespace/statistic[/modality or pair]``) of the training forwards since the last call,
+        on this rank; forwards in eval mode are not counted, so an evaluation never leaks into the training log."""
+        return {}
 
     def no_weight_decay(self) -> set[str]:
         """Names (relative to this module) of parameters that must not get weight decay."""
@@ -99,7 +168,3 @@ class Bridge(nn.Module):
     def post_step(self) -> None:
         """Hook run after each optimizer step (clamps, schedules)."""
         self.logit_scale.post_step()
-
-    def usage_stats(self) -> dict[str, float]:
-        """Code/token usage statistics accumulated since the last call (discrete bridges)."""
-        return {}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codebridge.config import BridgeConfig
-from codebridge.models.bridges.base import BRIDGES, Bridge, pairwise_contrastive
+from codebridge.models.bridges.base import BRIDGES, Bridge, detached, pairwise_contrastive
 from codebridge.models.features import BridgeOutput, Features
 
 
@@ -24,11 +24,19 @@ class ClipBridge(Bridge):
     def forward(self, features: dict[str, Features], step: int = 0) -> dict[str, BridgeOutput]:
         return {m: BridgeOutput(F.normalize(self.proj[m](f.summary), dim=-1)) for m, f in features.items()}
 
-    def loss(self, outputs: dict[str, BridgeOutput], step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, outputs: dict[str, BridgeOutput], step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Sum of the symmetric InfoNCE over every present modality pair (three modalities: three pairs)."""
         scale = self.logit_scale()
         embeddings = {m: out.embedding for m, out in outputs.items()}
         total, parts = pairwise_contrastive(embeddings, scale, self.cfg.margin, prefix="loss/contrastive")
-        logs = {name: value.item() for name, value in parts.items()}
-        logs["logit_scale"] = scale.item()
-        return total, logs
+        return total, detached(parts | {"logit_scale": scale})
+
+    @classmethod
+    def describe(cls, cfg: BridgeConfig) -> str:
+        return f"clip: continuous baseline, embedding dim {cfg.embed_dim}"
+
+    def affinity(self, query: str, q: Features, target: str, t: Features) -> torch.Tensor:
+        """Cosine of the positions' tokens after each modality's summary projection: there is no fine-grained shared
+        space, so this is a baseline (image patches are not what the projection was trained on)."""
+        eq, et = F.normalize(self.proj[query](q.tokens), dim=-1), F.normalize(self.proj[target](t.tokens), dim=-1)
+        return eq @ et.transpose(1, 2)

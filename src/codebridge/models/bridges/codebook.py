@@ -24,7 +24,14 @@ from torch import nn
 
 from codebridge.config import BridgeConfig, CodebookConfig, ConfigError
 from codebridge.distributed import gather_with_grad, rank
-from codebridge.models.bridges.base import BRIDGES, Bridge, modality_pairs, pairwise_contrastive
+from codebridge.models.bridges.base import (
+    BRIDGES,
+    Bridge,
+    DiscreteSpace,
+    detached,
+    modality_pairs,
+    pairwise_contrastive,
+)
 from codebridge.models.bridges.vector_quantizer import EMAVectorQuantizer
 from codebridge.models.features import BridgeOutput, Features
 
@@ -169,7 +176,8 @@ class CodebookBridge(Bridge):
                 "commitment": q.commitment,
             }
             outputs[m] = BridgeOutput(torch.cat([cont, fusion * disc.to(cont.dtype)], dim=-1), extras)
-        self._agreement.add({m: dominant_codes(outputs[m].extras["codes"], self.cb.size) for m in names})
+        if self.training:
+            self._agreement.add({m: dominant_codes(outputs[m].extras["codes"], self.cb.size) for m in names})
         return outputs
 
     def loss(self, outputs: dict[str, BridgeOutput], step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
@@ -191,15 +199,58 @@ class CodebookBridge(Bridge):
         commitment = torch.stack([o.extras["commitment"] for o in outputs.values()]).sum()
         total = cb.summary_weight * summary + cb.discrete_summary_weight * discrete + cb.cmcm_weight * cmcm + commitment
         named = {"loss/summary": summary, "loss/discrete": discrete, "loss/cmcm": cmcm, "loss/commitment": commitment}
-        logs = {name: value.item() for name, value in (named | parts).items()}
-        logs["logit_scale"] = scale.item()
-        return total, logs
+        return total, detached(named | parts | {"logit_scale": scale})
 
-    def usage_stats(self) -> dict[str, float]:
-        """Since the last call, on this rank: ``codebook/perplexity``, ``codebook/dead_fraction``, per modality
-        ``codebook/perplexity/m`` and ``codebook/usage/m``, and the cross-modal code agreement: the fraction of
-        paired samples whose dominant codes match, per pair (``codebook/agreement/a-b``) and over all modalities
-        (``codebook/agreement``, CMG's equal_num / B)."""
+    @classmethod
+    def describe(cls, cfg: BridgeConfig) -> str:
+        cb = cfg.codebook
+        return (
+            f"codebook: {cb.size} shared VQ codes (dim {cb.dim or cfg.embed_dim}), CMCM weight {cb.cmcm_weight}, "
+            f"fusion lambda {cb.fusion_lambda}"
+        )
+
+    def _scores(self, m: str, f: Features) -> torch.Tensor:
+        """[B, T, K] minus the L2 distance of each projected position to each code (as the quantiser measures it);
+        0 at padding."""
+        if m not in self.token_proj:
+            raise KeyError(f"codebook bridge: no projection for modality {m!r}; it was built for {sorted(self.widths)}")
+        return -self.codebook.distances(self.token_proj[m](f.tokens)).masked_fill(~f.mask.bool().unsqueeze(-1), 0.0)
+
+    def _posteriors(self, m: str, f: Features) -> torch.Tensor:
+        """[B, T, K] ``p_t(k) = softmax_k(-||h_t - e_k||)``, CMCM's per-position distribution; 0 at padding."""
+        return torch.softmax(self._scores(m, f), -1).masked_fill(~f.mask.bool().unsqueeze(-1), 0.0)
+
+    def _counts(self, m: str, f: Features) -> torch.Tensor:
+        """[B, K] positions of each input assigned to each code."""
+        codes = self.discrete_space().assignments(m, f)
+        hits = F.one_hot(codes.clamp_min(0), self.cb.size) * (codes >= 0).unsqueeze(-1)
+        return hits.sum(1)
+
+    def discrete_space(self) -> DiscreteSpace:
+        """The shared codebook: scores are minus the L2 distances, weights the CMCM posteriors ``p_t``, mass the
+        number of positions assigned to each code."""
+        return DiscreteSpace(
+            unit="code",
+            vectors=self.codebook.embed,
+            scores=self._scores,
+            weights=self._posteriors,
+            mass=self._counts,
+            mass_unit="token positions",
+        )
+
+    def affinity(self, query: str, q: Features, target: str, t: Features) -> torch.Tensor:
+        """``sim[q, t] = sum_k p_q(k) p(t | k)`` with ``p(t | k) = p_t(k) / sum_t' p_t'(k)``: the chance that a code
+        drawn by the query position is drawn at target position t. Codes shared by the whole target (background)
+        spread over all its positions, so positions sharing *rare* codes with the query stand out; a row sums to 1."""
+        pq = torch.softmax(self._scores(query, q), -1)
+        pt = torch.softmax(self._scores(target, t), -1) * t.mask.unsqueeze(-1)
+        return pq @ (pt / pt.sum(1, keepdim=True).clamp_min(1e-12)).transpose(1, 2)
+
+    def usage(self) -> dict[str, float]:
+        """Over the training forwards since the last call, on this rank: ``codebook/perplexity``,
+        ``codebook/dead_fraction``, per modality ``codebook/perplexity/m`` and ``codebook/usage/m``, and the
+        cross-modal code agreement: the fraction of paired samples whose dominant codes match, per pair
+        (``codebook/agreement/a-b``) and over all modalities (``codebook/agreement``, CMG's equal_num / B)."""
         stats = self.codebook.usage_stats() | self._agreement.summary()
         self._agreement = _Agreement()
         return {f"codebook/{k}": v for k, v in stats.items()}

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from codebridge.config import BridgeConfig, ConfigError, FdtConfig
-from codebridge.models.bridges.base import BRIDGES, Bridge, modality_pairs, pairwise_contrastive
+from codebridge.models.bridges.base import (
+    BRIDGES,
+    Bridge,
+    DiscreteSpace,
+    detached,
+    modality_pairs,
+    pairwise_contrastive,
+)
 from codebridge.models.bridges.fdt_grounding import pooled_scores, token_scores
 from codebridge.models.bridges.sparsemax import AdaptiveTopkSparsemax, sparsemax
 from codebridge.models.features import BridgeOutput, Features
@@ -143,10 +150,7 @@ class FdtBridge(Bridge):
         outputs, weights = {}, {}
         for m, f in features.items():
             q = self._queries(m, f)
-            s = pooled_scores(
-                q, self.tokens, f.mask, temperature, self.fdt.pooling, self.fdt.pad_mode, self.fdt.chunk_size
-            )
-            w = self._activation(s)
+            w = self._pooled_weights(q, f.mask, temperature)
             # the authors divide the sigmoid mixture by sum(w); the L2 normalisation below cancels that factor
             pooled = w.to(self.tokens.dtype) @ self.tokens
             extras = {"weights": w}
@@ -154,8 +158,16 @@ class FdtBridge(Bridge):
                 extras["token_scores"] = self._token_scores(q, f.mask, temperature)
             outputs[m] = BridgeOutput(F.normalize(pooled, dim=-1), extras)
             weights[m] = w
-        self._usage.update(weights)
+        if self.training:
+            self._usage.update(weights)
         return outputs
+
+    def _pooled_weights(self, q: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+        """[B, C] the activation of the grounding pooled over positions: each input's token weights."""
+        fdt = self.fdt
+        return self._activation(
+            pooled_scores(q, self.tokens, mask, temperature, fdt.pooling, fdt.pad_mode, fdt.chunk_size)
+        )
 
     def _token_scores(self, q: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
         return token_scores(q, self.tokens, mask, temperature, "neg_inf")
@@ -168,27 +180,60 @@ class FdtBridge(Bridge):
         temperature = self.temperature()
         return {m: self._token_scores(self._queries(m, f), f.mask, temperature) for m, f in features.items()}
 
-    def loss(self, outputs: dict[str, BridgeOutput], step: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, outputs: dict[str, BridgeOutput], step: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Sum over every present pair of the symmetric InfoNCE on the FDT embeddings (negatives from all ranks)."""
         scale = self.logit_scale()
         embeddings = {m: out.embedding for m, out in outputs.items()}
         total, parts = pairwise_contrastive(embeddings, scale, self.cfg.margin, prefix="loss/contrastive")
-        logs = {name: value.item() for name, value in parts.items()}
-        logs["logit_scale"] = scale.item()
-        active = [(out.extras["weights"] > 0).sum(-1).float().mean() for out in outputs.values()]
-        logs["fdt/active"] = torch.stack(active).mean().item()
-        logs["fdt/temperature"] = self.temperature(step)
-        return total, logs
+        active = torch.stack([(out.extras["weights"] > 0).sum(-1).float().mean() for out in outputs.values()]).mean()
+        temperature = scale.new_tensor(self.temperature(step))
+        return total, detached(parts | {"logit_scale": scale, "fdt/active": active, "fdt/temperature": temperature})
+
+    @classmethod
+    def describe(cls, cfg: BridgeConfig) -> str:
+        fdt = cfg.fdt
+        return f"fdt: {fdt.num_tokens} shared tokens of dim {fdt.dim}, {fdt.activation}, {fdt.pooling} pooling"
+
+    def _scores(self, m: str, f: Features) -> torch.Tensor:
+        """[B, T, C] the grounding s of each position at the stored temperature; 0 at padding."""
+        return self.token_fdt_scores({m: f})[m].masked_fill(~f.mask.bool().unsqueeze(-1), 0.0)
+
+    def _position_weights(self, m: str, f: Features) -> torch.Tensor:
+        """[B, T, C] the bridge's activation applied to each position's own (unpooled) row of scores."""
+        return self._activation(self._scores(m, f))
+
+    def _input_weights(self, m: str, f: Features) -> torch.Tensor:
+        """[B, C] each input's token weights, as ``forward`` computes them (without counting usage)."""
+        return self._pooled_weights(self._queries(m, f), f.mask, self.temperature())
+
+    def discrete_space(self) -> DiscreteSpace:
+        """The shared token table: scores are the grounding s, weights the activation of each position's scores,
+        mass each input's pooled token weights (the sparsemax weight mass)."""
+        return DiscreteSpace(
+            unit="token",
+            vectors=self.tokens.detach(),
+            scores=self._scores,
+            weights=lambda m, f: self._position_weights(m, f).masked_fill(~f.mask.bool().unsqueeze(-1), 0.0),
+            mass=self._input_weights,
+            mass_unit="token weight mass",
+        )
+
+    def affinity(self, query: str, q: Features, target: str, t: Features) -> torch.Tensor:
+        """The query position's token weights (the activation of its own scores) dotted with each target position's
+        scores: how strongly that position grounds on the tokens the query selects."""
+        return self._position_weights(query, q) @ self._scores(target, t).transpose(1, 2)
 
     def no_weight_decay(self) -> set[str]:
         """The authors decay the token table (it is not in their no-decay list); token_weight_decay=False opts out."""
         names = super().no_weight_decay()
         return names if self.fdt.token_weight_decay else names | {"tokens"}
 
-    def usage_stats(self) -> dict[str, float]:
-        """Since the last call, on this rank: per modality ``fdt/{m}/used`` (fraction of tokens active for some
-        sample), ``fdt/{m}/active`` (mean active tokens per sample); per pair ``fdt/agree/{a}-{b}`` (fraction of
-        pairs whose top-weighted tokens are equal)."""
+    def usage(self) -> dict[str, float]:
+        """Over the training forwards since the last call, on this rank: per modality ``fdt/{m}/used`` (fraction of
+        tokens active for some sample), ``fdt/{m}/active`` (mean active tokens per sample); per pair
+        ``fdt/agree/{a}-{b}`` (fraction of pairs whose top-weighted tokens are equal)."""
         stats = self._usage.summary()
         self._usage = _Usage()
         return stats

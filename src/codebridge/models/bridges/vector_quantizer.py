@@ -11,7 +11,8 @@ Conventions (papers.md A2.2 and CMG's ``Cross_VQEmbeddingEMA``):
   (stored smoothed, as CMG does), ``W <- decay W + (1 - decay) sums``, ``E <- W / N``;
 - statistics are summed over ranks before the update, so every rank keeps the same codebook;
 - padding positions (mask False) never enter statistics, losses or usage counters.
-All collectives run in training mode only, so evaluation may run on a single rank.
+All collectives and usage counters run in training mode only, so evaluation may run on a single rank and never
+shows up in the training log.
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ class EMAVectorQuantizer(nn.Module):
         if self.training:
             self._update(stats)
             self._restart_dead(stats[:, :, 0].sum(0) > 0, xs, masks)
-        self._count_usage(codes)
+        if self.training:  # usage describes training batches only (see usage_stats)
+            self._count_usage(codes)
         return {
             m: Quantized(
                 quantized=(x + (assigned[m][2].to(x.dtype) - x).detach()).masked_fill(~masks[m].unsqueeze(-1), 0.0),
@@ -158,14 +160,20 @@ class EMAVectorQuantizer(nn.Module):
             for m, x in xs.items()
         }
 
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, K] L2 distances of x [B, T, D] to every code, as ``forward`` measures them; updates nothing."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._assign(x, self.embed)[1]
+
     def pop_usage(self) -> dict[str, torch.Tensor]:
-        """Per-input code histograms [K] (valid positions, this rank) since the last call; resets them."""
+        """Per-input code histograms [K] (valid positions of training forwards, this rank) since the last call;
+        resets them."""
         usage, self._usage = self._usage, {}
         return {m: c.cpu() for m, c in usage.items()}
 
     def usage_stats(self) -> dict[str, float]:
         """``perplexity``, ``dead_fraction`` (codes used by no input) over all inputs, and per input ``perplexity/m``
-        and ``usage/m`` (fraction of codes it used), since the last call, on this rank."""
+        and ``usage/m`` (fraction of codes it used), over the training forwards since the last call, on this rank."""
         usage = self.pop_usage()
         if not usage:
             return {}
