@@ -183,6 +183,12 @@ def _add_search_parsers(sub: argparse._SubParsersAction) -> None:
     query.add_argument("--id", dest="item_id", type=int, help="an item of the index: find its neighbours")
     search.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     search.add_argument("--model", type=Path, default=None, help="model folder (default: the one that built it)")
+    search.add_argument(
+        "--mode",
+        choices=["dense", "sparse", "hybrid"],
+        default="dense",
+        help="dense (FAISS, default), sparse (through the shared codes), hybrid (both scores summed)",
+    )
     search.add_argument("--explain", action="store_true", help="list the shared codes each hit matched")
     search.add_argument("--json", dest="as_json", action="store_true", help="print the hits as JSON")
 
@@ -314,12 +320,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     searcher = Searcher(args.index, args.model)
     try:
         if args.item_id is not None:
-            hits = searcher.similar(args.item_id, args.k, explain=args.explain)
+            hits = searcher.similar(args.item_id, args.k, args.mode, args.explain)
         else:
             modality, value = next((m, v) for m in ("text", "image", "audio") if (v := getattr(args, m)) is not None)
             if modality != "text" and not value.is_file():
                 raise FileNotFoundError(f"--{modality} {value} does not exist")
-            hits = searcher.search(modality, value if modality == "text" else str(value), args.k, explain=args.explain)
+            value = value if modality == "text" else str(value)
+            hits = searcher.search(modality, value, args.k, args.mode, args.explain)
     except BadQuery as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,11 +3,14 @@
 Folder layout (``INDEX``)::
 
     build.json            what is being built (model fingerprint, spec, modality, part size); checked on resume
-    parts/part-00000.npy  float32 [n, E] embeddings of part 0   (written first, atomically)
+    parts/part-00000.codes.npz  its sparse code weights [n, K] (bridges with a discrete space)
+    parts/part-00000.npy  float32 [n, E] embeddings of part 0   (written atomically, after the codes)
     parts/part-00000.json its metadata rows + checksum          (written second, atomically: the part is done)
     index.json            the finished index (model, spec, count, dim, ANN parameters)
     embeddings.npy        all embeddings, row r <-> items.jsonl line r
     items.jsonl           one row per item: id, key, source, caption, modality, media
+    ann.faiss, ann.json   the dense ANN engine and its parameters (search/ann.py)
+    sparse.npz, codes.json  the inverted index over codes and each code's top words (search/sparse.py)
 
 A part's ``.json`` is its entry in the manifest of completed parts: a restart embeds only parts without one, so
 a kill at any moment loses at most the part in progress. With ``torchrun`` rank r embeds parts r, r + W, ...;
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from scipy import sparse as sp
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -36,7 +40,12 @@ from codebridge.data.preprocess import PREP_FILE
 from codebridge.data.preprocess.text import TOKENIZER_FILE
 from codebridge.data.sample import Sample
 from codebridge.data.sources import open_source
+from codebridge.eval.codes import code_table, collect
 from codebridge.models.model import CONFIG_FILE, WEIGHTS_FILE, CodeBridgeModel
+from codebridge.search.ann import build_ann
+from codebridge.search.encode import encode_entry, has_codes
+from codebridge.search.files import atomic_write, read_json, save_npy, save_sparse, sha256_file, write_json
+from codebridge.search.sparse import SparseIndex
 
 BUILD_FILE = "build.json"
 INDEX_FILE = "index.json"
@@ -44,34 +53,6 @@ EMBEDDINGS_FILE = "embeddings.npy"
 ITEMS_FILE = "items.jsonl"
 PARTS_DIR = "parts"
 FORMAT = 1
-
-
-# ------------------------------------------------------------------------------------------------ files
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: a reader (or a restart) sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, value: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=1)))
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:
-            np.save(f, array)
-
-    atomic_write(path, write)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -82,15 +63,6 @@ def model_fingerprint(model_dir: Path) -> str:
         if path.is_file():
             digest.update(name.encode() + b"\0" + sha256_file(path).encode())
     return digest.hexdigest()[:32]
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; {what}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc}); {what}") from None
 
 
 # ------------------------------------------------------------------------------------------------ items
@@ -156,19 +128,38 @@ def embed_part(
     batch_size: int,
     skip_bad: bool,
     progress: tqdm,
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Embeddings and metadata rows of ``samples`` (ids from ``first``); bad items dropped when ``skip_bad``."""
+) -> tuple[np.ndarray, sp.csr_matrix | None, list[dict[str, Any]]]:
+    """Embeddings, code weights (None without a discrete space) and metadata rows of ``samples`` (ids from
+    ``first``); bad items are dropped when ``skip_bad``."""
     dataset = SampleDataset(samples, [modality], model.preprocessors, train=False, skip_bad=skip_bad, cache=False)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    vectors, rows = [], []
+    vectors, codes, rows = [], [], []
     for n, batch in enumerate(loader):
         progress.update(min(batch_size, len(samples) - n * batch_size))
         if batch is None:
             continue
-        vectors.append(model.encode(modality, batch[modality], batch_size).float().cpu().numpy())
+        embedding, weights = encode_entry(model, modality, batch[modality])
+        vectors.append(embedding)
+        codes.append(weights)
         rows += [item_row(first + i, samples[i], modality) for i in batch["index"].tolist()]
     dim = model.cfg.model.bridge.embed_dim
-    return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), rows
+    dense = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+    space = model.bridge.discrete_space()
+    sparse = None if space is None else sp.csr_matrix(np.concatenate(codes) if codes else np.zeros((0, space.size)))
+    return dense, sparse, rows
+
+
+def code_words(
+    model: CodeBridgeModel, samples: list[Sample], limit: int = 2000, words: int = 5
+) -> dict[int, list[str]]:
+    """Top words of each code over the captions of up to ``limit`` samples spread over the collection (the code
+    analysis of ``eval/codes.py``); empty for a model without text or a collection without captions."""
+    captioned = [s for s in samples if s.texts]
+    if "text" not in model.modalities or not captioned or not has_codes(model):
+        return {}
+    chosen = [captioned[i] for i in np.linspace(0, len(captioned) - 1, min(limit, len(captioned))).astype(int)]
+    found, _ = collect(model, chosen, ["text"])
+    return {e["code"]: [w for w, _ in e["top_words"]] for e in code_table(model, chosen, found, None, words)}
 
 
 def build_index(
@@ -220,43 +211,56 @@ def build_index(
     with bar, torch.inference_mode():
         for part in todo:
             first = part * part_size
-            vectors, rows = embed_part(
+            vectors, codes, rows = embed_part(
                 model, samples[first : first + part_size], first, modality, batch_size, skip_bad, bar
             )
+            if codes is not None:
+                save_sparse(parts / f"part-{part:05d}.codes.npz", codes)
             npy = parts / f"part-{part:05d}.npy"
             save_npy(npy, vectors.astype(np.float32))
             write_json(parts / f"part-{part:05d}.json", {"part": part, "sha256": sha256_file(npy), "items": rows})
     if world > 1:
         dist.barrier()
     if rank == 0:
-        merge_parts(out, model_dir, build, n_parts, ann)
+        merge_parts(out, model_dir, build, n_parts, ann, lambda: code_words(model, samples))
     if world > 1:
         dist.barrier()
     return out
 
 
-def merge_parts(out: Path, model_dir: Path, build: dict[str, Any], n_parts: int, ann: str) -> None:
-    """Concatenate the parts into ``embeddings.npy`` + ``items.jsonl``, build the ANN index, write ``index.json``."""
-    from codebridge.search.ann import build_ann
-
+def merge_parts(
+    out: Path,
+    model_dir: Path,
+    build: dict[str, Any],
+    n_parts: int,
+    ann: str,
+    words: Callable[[], dict[int, list[str]]],
+) -> None:
+    """Concatenate the parts into ``embeddings.npy`` + ``items.jsonl``, build the ANN index and (codes found) the
+    inverted index with each code's ``words()``, then write ``index.json``."""
     parts = out / PARTS_DIR
-    vectors, rows = [], []
+    vectors, codes, rows = [], [], []
     for part in range(n_parts):
         record = read_json(parts / f"part-{part:05d}.json", "the part is not finished; rerun the same command")
         npy = parts / f"part-{part:05d}.npy"
         if sha256_file(npy) != record["sha256"]:
             raise ConfigError(f"{npy}: checksum differs from its manifest entry; delete both files and rerun")
         vectors.append(np.load(npy))
+        if (parts / f"part-{part:05d}.codes.npz").is_file():
+            codes.append(sp.load_npz(parts / f"part-{part:05d}.codes.npz"))
         rows += record["items"]
     embeddings = np.concatenate(vectors).astype(np.float32)
     save_npy(out / EMBEDDINGS_FILE, embeddings)
     atomic_write(out / ITEMS_FILE, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
     params = build_ann(embeddings, out, kind=ann)
+    if codes:
+        SparseIndex(sp.vstack(codes), words()).save(out)
     info = {
         **build,
         "model": str(model_dir.resolve()),
         "items": len(rows),
         "dim": int(embeddings.shape[1]),
         "ann": params,
+        "sparse": bool(codes),
     }
     write_json(out / INDEX_FILE, info)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,19 @@ from codebridge.config import ConfigError
 from codebridge.data.sample import Sample
 from codebridge.models.model import CodeBridgeModel
 from codebridge.search.ann import DenseIndex
-from codebridge.search.index import EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, collection, model_fingerprint, read_json
+from codebridge.search.encode import encode_items
+from codebridge.search.files import read_json
+from codebridge.search.index import EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, collection, model_fingerprint
+from codebridge.search.sparse import SparseIndex
 
 QUERY_MODALITIES = ("text", "image", "audio")
+MODES = ("dense", "sparse", "hybrid")
+
+
+@dataclass(frozen=True)
+class Query:
+    dense: np.ndarray  # [E]
+    codes: np.ndarray | None  # [K] L2-normalised code weights, None without a discrete space
 
 
 class BadQuery(ValueError):
@@ -52,6 +63,7 @@ class Searcher:
             self.items: list[dict[str, Any]] = [json.loads(line) for line in f]
         self.row_of = {item["id"]: row for row, item in enumerate(self.items)}
         self.dense = DenseIndex(self.folder, self.embeddings)
+        self.sparse = SparseIndex.load(self.folder)
         self._lock = threading.Lock()
 
     @property
@@ -80,38 +92,70 @@ class Searcher:
         return self.samples[item_id]
 
     # ------------------------------------------------------------------------------------------ queries
-    def embed(self, modality: str, value: Any) -> np.ndarray:
-        """[E] query vector of a caption, or of an image/audio file (path or bytes) decoded by the model's prep."""
+    def embed(self, modality: str, value: Any) -> Query:
+        """The query vector (and code weights) of a caption, or of an image/audio file (path or bytes)."""
         if modality not in self.query_modalities:
             raise BadQuery(f"this index's model cannot read {modality} queries; it reads {self.query_modalities}")
         if modality == "text" and not (isinstance(value, str) and value.strip()):
             raise BadQuery("the text query is empty; write a few words")
         try:
             with self._lock:
-                return self.model.encode(modality, [value])[0].float().cpu().numpy()
+                dense, codes = encode_items(self.model, modality, [value])
         except ValueError as exc:  # the decoders' message names what is wrong with the file
             raise BadQuery(str(exc)) from None
+        return Query(dense[0], None if codes is None else codes[0])
 
-    def search_vector(self, vector: np.ndarray, k: int = 10, explain: bool = False) -> list[dict[str, Any]]:
-        if explain:
-            raise BadQuery("this index has no sparse part (its bridge has no discrete codes) to explain hits with")
+    def search_query(
+        self, query: Query, k: int = 10, mode: str = "dense", explain: bool = False
+    ) -> list[dict[str, Any]]:
+        """Top-``k`` hits by ``mode`` (dense, sparse: through the shared codes, hybrid: their sum), best first."""
         if k < 1:
             raise BadQuery(f"k must be a positive number of results, got {k}")
-        scores, rows = self.dense.search(vector[None], k)
-        return [
-            {"rank": rank + 1, "score": float(score), **self.items[row]}
-            for rank, (score, row) in enumerate(zip(scores[0], rows[0], strict=True))
-            if row >= 0
-        ]
+        if mode not in MODES:
+            raise BadQuery(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if (mode != "dense" or explain) and (self.sparse is None or query.codes is None):
+            raise BadQuery("this index has no sparse part (its bridge has no discrete codes): use mode dense")
+        if mode == "dense":
+            scores, rows = self.dense.search(query.dense[None], k)
+            scores, rows = scores[0], rows[0]
+        elif mode == "sparse":
+            scores, rows = self.sparse.search(query.codes, k)
+        else:
+            scores, rows = self._hybrid(query, k)
+        hits = []
+        for rank, (score, row) in enumerate(zip(scores, rows, strict=True)):
+            if row < 0:
+                continue
+            hit = {"rank": rank + 1, "score": float(score), **self.items[row]}
+            if explain:
+                hit["matched"] = self.sparse.matched(query.codes, int(row))
+            hits.append(hit)
+        return hits
 
-    def search(self, modality: str, value: Any, k: int = 10, explain: bool = False) -> list[dict[str, Any]]:
+    def _hybrid(self, query: Query, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dense + sparse score over the union of both engines' top ``4k`` candidates, scored exactly."""
+        _, dense_rows = self.dense.search(query.dense[None], 4 * k)
+        _, sparse_rows = self.sparse.search(query.codes, 4 * k)
+        rows = np.union1d(dense_rows[0][dense_rows[0] >= 0], sparse_rows)
+        scores = self.embeddings[rows] @ query.dense + self.sparse.row_scores(query.codes, rows)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return scores[order], rows[order]
+
+    def search(
+        self, modality: str, value: Any, k: int = 10, mode: str = "dense", explain: bool = False
+    ) -> list[dict[str, Any]]:
         """Top-``k`` items for a text/image/audio query, best first."""
-        return self.search_vector(self.embed(modality, value), k, explain)
+        return self.search_query(self.embed(modality, value), k, mode, explain)
 
-    def similar(self, item_id: int, k: int = 10, explain: bool = False) -> list[dict[str, Any]]:
+    def similar(self, item_id: int, k: int = 10, mode: str = "dense", explain: bool = False) -> list[dict[str, Any]]:
         """Items nearest to item ``item_id`` of the index (itself first)."""
-        self.item(item_id)
-        return self.search_vector(self.embeddings[self.row_of[item_id]], k, explain)
+        row = self.row_of[self.item(item_id)["id"]]
+        codes = None if self.sparse is None else self.sparse.rows[row].toarray()[0]
+        return self.search_query(Query(self.embeddings[row], codes), k, mode, explain)
 
     def describe(self) -> dict[str, Any]:
-        return {**self.info, "query_modalities": self.query_modalities}
+        return {**self.info, "query_modalities": self.query_modalities, "modes": self.modes}
+
+    @property
+    def modes(self) -> list[str]:
+        return list(MODES) if self.sparse is not None else ["dense"]
