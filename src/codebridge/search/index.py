@@ -37,7 +37,7 @@ from tqdm import tqdm
 from codebridge.config import ConfigError, DataConfig
 from codebridge.data.dataset import SampleDataset, collate
 from codebridge.data.preprocess import PREP_FILE
-from codebridge.data.preprocess.text import TOKENIZER_FILE
+from codebridge.data.preprocess.text import SETTINGS_FILE, TOKENIZER_FILE
 from codebridge.data.sample import Sample
 from codebridge.data.sources import open_source
 from codebridge.eval.codes import code_table, collect
@@ -58,7 +58,7 @@ FORMAT = 1
 def model_fingerprint(model_dir: Path) -> str:
     """sha256 over the weights, the config and the preprocessing files: equal iff the model embeds the same."""
     digest = hashlib.sha256()
-    for name in (WEIGHTS_FILE, CONFIG_FILE, PREP_FILE, TOKENIZER_FILE):
+    for name in (WEIGHTS_FILE, CONFIG_FILE, PREP_FILE, TOKENIZER_FILE, SETTINGS_FILE):
         path = model_dir / name
         if path.is_file():
             digest.update(name.encode() + b"\0" + sha256_file(path).encode())
