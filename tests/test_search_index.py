@@ -17,6 +17,7 @@ from codebridge.config import ConfigError
 from codebridge.search.ann import DenseIndex, brute_force, build_ann, choose
 from codebridge.search.index import EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, PARTS_DIR, build_index
 from codebridge.search.searcher import BadQuery, ModelMismatch, Searcher
+from helpers import free_port
 from search_fixtures import caption, make_collection, make_model
 
 N = 40
@@ -158,3 +159,24 @@ def test_auto_chooses_by_size():
     assert big["kind"] == "ivf" and big["nlist"] == 4000 and 1 <= big["nprobe"] <= big["nlist"]
     with pytest.raises(ConfigError, match="expected one of"):
         choose("lsh", 10, 4)
+
+
+def test_two_processes_build_the_same_index(built, tmp_path):
+    """torchrun with 2 gloo processes: each embeds its parts, rank 0 merges; equal to the 1-process index."""
+    csv, model, reference = built
+    out = tmp_path / "dist"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    command += ["-m", "codebridge", "index", "--model", str(model), "--data", str(csv), "--out", str(out)]
+    command += ["--modality", "text", "--part-size", "16", "--batch-size", "8"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert items(out) == items(reference)
+    np.testing.assert_allclose(np.load(out / EMBEDDINGS_FILE), np.load(reference / EMBEDDINGS_FILE), atol=1e-6)
