@@ -66,13 +66,6 @@ def model_fingerprint(model_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ items
-def media_of(sample: Sample, modality: str) -> str | bytes | None:
-    """The media reference of ``modality`` (path or bytes), or the first caption for text."""
-    if modality == "text":
-        return sample.texts[0] if sample.texts else None
-    return getattr(sample, modality) if sample.has(modality) else None
-
-
 def collection(spec: str, data: DataConfig, modality: str) -> list[Sample]:
     """The samples of ``spec`` that have ``modality``; an item's id is its position here (stable across runs)."""
     return [s for s in open_source(spec, data) if s.has(modality)]
