@@ -124,7 +124,7 @@ def test_oversized_upload_is_413(server):
 def test_not_an_image_is_415(server):
     port, _ = server
     status, body = upload(port, b"this is plain text, not a picture")
-    assert status == 415 and "cannot decode image" in body["error"]
+    assert status == 415 and "not an image format" in body["error"]
 
 
 @pytest.mark.parametrize(

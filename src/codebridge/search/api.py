@@ -122,7 +122,7 @@ def create_app(searcher: Searcher, max_upload: int = 10_000_000) -> Starlette:
         try:
             return answer(await run_in_threadpool(searcher.search, modality, data, k, mode, explain))
         except BadQuery as exc:
-            status = 415 if "decode" in str(exc) or "no samples" in str(exc) else 400
+            status = 415 if exc.undecodable else 400
             raise HTTPException(status, f"{upload.filename or 'upload'}: {exc}") from None
 
     def item(request: Request) -> JSONResponse:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from codebridge.config import ConfigError
-from codebridge.data.sample import Sample
+from codebridge.data.sample import BadSampleError, Sample
 from codebridge.models.model import CodeBridgeModel
 from codebridge.search.ann import DenseIndex
 from codebridge.search.encode import encode_items
@@ -36,7 +36,13 @@ class Query:
 
 
 class BadQuery(ValueError):
-    """The query cannot be answered (unknown id, a modality the model lacks, an undecodable file)."""
+    """The query cannot be answered (unknown id, a modality the model lacks, an undecodable file).
+
+    ``undecodable`` marks an uploaded file the model's decoders cannot read (HTTP 415, not 400)."""
+
+    def __init__(self, message: str, undecodable: bool = False) -> None:
+        super().__init__(message)
+        self.undecodable = undecodable
 
 
 class ModelMismatch(ConfigError):
@@ -101,7 +107,9 @@ class Searcher:
         try:
             with self._lock:
                 dense, codes = encode_items(self.model, modality, [value])
-        except ValueError as exc:  # the decoders' message names what is wrong with the file
+        except BadSampleError as exc:  # the decoders' message names what is wrong with the file
+            raise BadQuery(str(exc), undecodable=True) from None
+        except ValueError as exc:
             raise BadQuery(str(exc)) from None
         return Query(dense[0], None if codes is None else codes[0])
 
