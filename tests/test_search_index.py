@@ -82,7 +82,7 @@ def test_bad_queries_are_clear(built, capsys):
     searcher = Searcher(index)
     with pytest.raises(BadQuery, match="unknown item id 999"):
         searcher.similar(999)
-    with pytest.raises(BadQuery, match="cannot decode image"):
+    with pytest.raises(BadQuery, match="not an image format"):
         searcher.search("image", b"not an image")
     with pytest.raises(BadQuery, match="cannot read audio"):
         searcher.search("audio", b"RIFF")
