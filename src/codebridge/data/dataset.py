@@ -129,15 +129,18 @@ class SampleDataset(Dataset):
 
     def load(self, index: int, epoch: int) -> Item:
         """Sample ``index`` preprocessed with the randomness of ``epoch``; raises BadSampleError."""
-        sample = self.samples[index]
+        return self.prepare(self.samples[index], index, epoch)
+
+    def prepare(self, sample: Sample, index: int, epoch: int) -> Item:
+        """``sample`` preprocessed with the randomness of (seed, epoch, index); ``index`` also keys the decoded
+        cache, so a streamed sample (not in ``samples``) needs a dataset without cache."""
         item: Item = {"index": index, "labels": dict(sample.labels)}
         for modality in self.modalities:
             generator = _generator(self.seed, epoch, index, MODALITIES.index(modality))
-            item[modality] = self._preprocess(modality, self._decode(index, modality), generator)
+            item[modality] = self._preprocess(modality, self._decode(sample, index, modality), generator)
         return item
 
-    def _decode(self, index: int, modality: str) -> Any:
-        sample = self.samples[index]
+    def _decode(self, sample: Sample, index: int, modality: str) -> Any:
         if not sample.has(modality):
             raise BadSampleError(
                 sample.source, f"has no {modality}, which this run needs (data.modalities={self.modalities})"
