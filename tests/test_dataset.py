@@ -84,7 +84,7 @@ def test_preprocessors_save_and_load(prep: Preprocessors, tmp_path: Path) -> Non
 
 
 def test_all_texts_lists_every_caption(samples: list[Sample]) -> None:
-    texts = all_texts(samples)
+    texts = list(all_texts(samples))
     assert len(texts) == 3 * COUNT and texts[:2] == ["caption one of 0", "caption two of 0"]
 
 

@@ -12,13 +12,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from codebridge.config import Config, ConfigError, DataConfig, PrepConfig, TrainConfig
 from codebridge.data.dataset import SampleDataset
 from codebridge.data.preprocess import Preprocessors
 from codebridge.data.preprocess.text import Tokenizer
+from codebridge.data.shard import write_shards
 from codebridge.data.stream import ShardStream, StreamLoader, shuffled, training_stream
+from codebridge.train import train
+from codebridge.train.checkpoint import CHECKPOINTS
 from test_sources import write_tar
+from test_trainer import one_thread, read_metrics, shapes, tiny_config  # noqa: F401 (fixtures)
 
 SIZES = (7, 5, 9, 6, 8)  # samples per shard: uneven, so workers run out at different times
 
@@ -175,3 +181,40 @@ def test_a_resumed_resampled_stream_ends_its_epoch_at_the_same_batch(tmp_path: P
     rest = [[keys_of(batch, keys) for batch in loader] for loader in resumed]
     assert len(rest[0]) == 9 - 4 and rest[0] == rest[1]  # the epoch's remaining batches, drawn reproducibly
     assert sum(1 for _ in resumed[0]) == 9 and resumed[0].epoch == 1
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_training_on_shards_resumes_where_it_stopped(
+    shapes: dict[str, Path],  # noqa: F811 (test_trainer's shapes data set)
+    tmp_path: Path,
+    mode: str,
+) -> None:
+    """A run on streamed shards (2 workers), resumed in a fresh folder from a checkpoint taken mid-epoch at a
+    random step (what a kill leaves), ends with the uninterrupted run's weights and losses (exact mode), or with
+    its steps and epoch boundaries (resampled)."""
+    shards = tmp_path / "shards"
+    write_shards(str(shapes["train"]), shards, DataConfig(), samples_per_shard=13)  # 96 samples: 8 uneven shards
+    overrides = [
+        f"data.train={shards}",
+        "data.num_workers=2",
+        "data.shuffle_buffer=8",
+        "train.steps=14",
+        "train.log_every=1",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=0",
+    ]
+    if mode == "resampled":
+        overrides += ["data.resampled=true", "data.epoch_samples=80"]
+    straight = train(tiny_config(shapes, tmp_path / "straight", *overrides, "data.val=null"))
+    step = random.Random(mode).randrange(2, 13)
+    resumed = tmp_path / "resumed"
+    checkpoint = straight / CHECKPOINTS / f"step_{step:06d}"
+    train(tiny_config(shapes, resumed, *overrides, "data.val=null"), resume=str(checkpoint))
+
+    def numbers(run: Path) -> list[tuple]:
+        return [(r["step"], r["epoch"], r["loss"] if mode == "exact" else None) for r in read_metrics(run)]
+
+    assert numbers(resumed) == numbers(straight)[step:], f"resumed at step {step}"
+    if mode == "exact":  # resampled: the same steps and epochs, a new draw (samples drawn with replacement)
+        a, b = load_file(straight / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -46,9 +46,9 @@ def with_hint(err: BadSampleError) -> BadSampleError:
     return BadSampleError(err.source, f"{err.reason}; {SKIP_BAD_HINT}")
 
 
-def all_texts(samples: Iterable[Sample]) -> list[str]:
-    """Every caption of every sample, in order: the corpus the tokenizer is trained on."""
-    return [text for sample in samples for text in sample.texts]
+def all_texts(samples: Iterable[Sample]) -> Iterator[str]:
+    """Every caption of every sample, in order and lazily: the corpus the tokenizer is trained on."""
+    return (text for sample in samples for text in sample.texts)
 
 
 def derive_seed(*values: int) -> int:
@@ -292,6 +292,10 @@ class Loader:
 
     def __len__(self) -> int:
         return len(self._batches)
+
+    def state(self) -> dict[str, Any]:
+        """The resume position besides ``position``: none (``StreamLoader`` has one)."""
+        return {}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.epoch, self._batches.epoch, self._batches.first = self._next_epoch, self._next_epoch, self._first
