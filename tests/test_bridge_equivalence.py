@@ -75,7 +75,7 @@ def old_usage_counts(model, samples, batch_size: int) -> tuple[str, dict[str, np
     key, size = ("codes", bridge.codebook.size) if bridge.name == "codebook" else ("weights", bridge.fdt.num_tokens)
     counts = {}
     for modality in [m for m in model.modalities if all(s.has(m) for s in samples)]:
-        dataset = SampleDataset(samples, [modality], model.preprocessors, train=False, cache=False)
+        dataset = SampleDataset(samples, [modality], model.preprocessors, train=False)
         total = np.zeros(size)
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
             entry = {k: v.to(model.device) for k, v in batch[modality].items()}

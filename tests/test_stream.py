@@ -57,7 +57,7 @@ def stream_loader(
     buffer: int = 4,
     saved: dict | None = None,
 ) -> StreamLoader:
-    dataset = SampleDataset([], ["text"], prep, train=True, cache=False)
+    dataset = SampleDataset([], ["text"], prep, train=True)
     stream = ShardStream(
         shards, dataset, workers=max(workers, 1), rank=rank, world_size=world_size, seed=3, buffer=buffer
     )
@@ -111,7 +111,7 @@ def test_shuffle_buffer_is_seeded_and_holds_at_most_its_size() -> None:
 def test_the_stream_reads_lazily(tmp_path: Path, prep: Preprocessors) -> None:
     """Memory is bounded by the buffer: the first item is handed out after reading buffer + 1 samples at most."""
     shards, _ = make_shards(tmp_path, (40, 40))
-    dataset = SampleDataset([], ["text"], prep, train=True, cache=False)
+    dataset = SampleDataset([], ["text"], prep, train=True)
     stream = ShardStream(shards, dataset, workers=1, buffer=5)
     read = Counted(0)
     records = stream.records

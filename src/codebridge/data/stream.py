@@ -238,7 +238,7 @@ def training_stream(
                 f"{world_size} rank(s); set it to at least {batch_size * world_size}"
             )
         quota = [(per_rank // workers + (w < per_rank % workers)) * batch_size for w in range(workers)]
-    dataset = SampleDataset([], data.modalities, prep, train=True, skip_bad=data.skip_bad, cache=False, seed=cfg.seed)
+    dataset = SampleDataset([], data.modalities, prep, train=True, skip_bad=data.skip_bad, seed=cfg.seed)
     stream = ShardStream(
         shards,
         dataset,
