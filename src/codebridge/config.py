@@ -150,7 +150,10 @@ class DataConfig:
     modalities: list[str] = field(default_factory=lambda: ["image", "text"])
     skip_bad: bool = False  # skip (and count, and log) unreadable samples instead of stopping
     num_workers: int = num(0, ge=0)
-    cache: bool = True  # keep decoded inputs in memory so later epochs skip decoding
+    cache_mb: float = num(0.0, ge=0)  # map-style data: MiB of decoded inputs kept (per worker) so epochs skip decoding
+    shuffle_buffer: int = num(1000, ge=0)  # streamed shards: samples held to shuffle within shards (0 or 1: none)
+    resampled: bool = False  # streamed shards drawn with replacement, endless; an epoch is data.epoch_samples
+    epoch_samples: int = num(0, ge=0)  # resampled: samples per epoch over all ranks (OpenCLIP's --train-num-samples)
     csv_image_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_audio_key: str = "audio"
@@ -164,6 +167,8 @@ class DataConfig:
             {
                 "{modalities} must name at least one modality, each once": distinct,
                 "{csv_separator} must be one character (e.g. ',' or a tab) or null": one_character,
+                "{epoch_samples} must be set (> 0) when {resampled} is true": self.epoch_samples > 0
+                or not self.resampled,
             }
         )
 
