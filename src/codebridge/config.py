@@ -142,6 +142,9 @@ class PrepConfig:
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
+LEGACY_CACHE_MB = 2048.0  # what an old `data.cache: true` becomes: the budget of the emoji recipes
+
+
 @dataclass
 class DataConfig:
     train: str = "emoji-style:train"  # a built-in suite[:split] or a CSV/TSV/JSONL/WebDataset spec
@@ -159,6 +162,13 @@ class DataConfig:
     csv_audio_key: str = "audio"
     csv_video_key: str = "video"
     csv_separator: str | None = None  # None: ',' for .csv, tab for .tsv
+
+    @staticmethod
+    def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+        """``data.cache: bool`` (before 0.2: an unbounded cache, on by default) becomes ``data.cache_mb``."""
+        if isinstance(data.get("cache"), bool) and "cache_mb" not in data:
+            data["cache_mb"] = LEGACY_CACHE_MB if data.pop("cache") else 0.0
+        return data
 
     def check(self) -> list[str]:
         distinct = 0 < len(set(self.modalities)) == len(self.modalities)
@@ -464,6 +474,8 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     rules are a ``ConfigError`` naming the full dotted path (``path`` is this section's)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if hasattr(cls, "upgrade"):  # a section renames fields of older versions (old run and model folders load)
+        data = cls.upgrade(dict(data))
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = path or "top level"
