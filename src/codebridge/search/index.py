@@ -124,7 +124,7 @@ def embed_part(
 ) -> tuple[np.ndarray, sp.csr_matrix | None, list[dict[str, Any]]]:
     """Embeddings, code weights (None without a discrete space) and metadata rows of ``samples`` (ids from
     ``first``); bad items are dropped when ``skip_bad``."""
-    dataset = SampleDataset(samples, [modality], model.preprocessors, train=False, skip_bad=skip_bad, cache=False)
+    dataset = SampleDataset(samples, [modality], model.preprocessors, train=False, skip_bad=skip_bad)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     vectors, codes, rows = [], [], []
     for n, batch in enumerate(loader):
