@@ -1,8 +1,8 @@
 """``codebridge data corpus``: fetch the pinned sets, rasterise every image once, write each suite split as
 WebDataset shards (``DIR/SUITE/SPLIT/shard-NNNNN.tar``), the license table and the manifest (last).
 
-Idempotent like the emoji build: a second run re-hashes the files the manifest lists and returns; a changed option,
-a missing or edited file rebuilds. Only a folder this builder marked (``.codebridge-corpus``) is ever cleared.
+Idempotent like the emoji build: a second run re-hashes every file the manifest lists (the shards are small enough
+to check them all) and returns; a changed option, a missing or edited file rebuilds. Only a folder this builder marked (``.codebridge-corpus``) is ever cleared.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from codebridge.data.corpus.plan import (
 from codebridge.data.corpus.raster import render
 from codebridge.data.corpus.sets import SETS, TEXT, ArtSet, select
 from codebridge.data.emoji.concepts import load_concepts
-from codebridge.data.emoji.manifest import MANIFEST, read_manifest, sha256, write_manifest
+from codebridge.data.emoji.manifest import MANIFEST, check_build, sha256, write_manifest
 from codebridge.data.emoji.npm import PACKAGES, Pin, fetch_package, missing_packages, require_tools
 from codebridge.data.emoji.parallel import Pool
 from codebridge.data.emoji.records import write_jsonl
@@ -52,23 +52,6 @@ def corpus_root(root: str | Path | None = None) -> Path:
 def _say(message: str, progress: bool) -> None:
     if progress:
         print(message, file=sys.stderr, flush=True)
-
-
-def check_corpus(root: Path, expected: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-    """``(manifest, "")`` when ``root`` holds a complete build of ``expected``; else ``(None, why)``.
-
-    Every listed file is re-hashed: the shards are small enough (about a second per 500 MB) to check them all.
-    """
-    manifest = read_manifest(root)
-    if manifest is None:
-        return None, f"no readable {MANIFEST}"
-    for key, value in expected.items():
-        if manifest.get(key) != value:
-            return None, f"built with {key}={manifest.get(key)!r}, asked for {value!r}"
-    for rel, digest in manifest.get("checksums", {}).items():
-        if not (root / rel).is_file() or sha256(root / rel) != digest:
-            return None, f"{rel} is missing or differs from its checksum in {MANIFEST}"
-    return manifest, ""
 
 
 def build_corpus(
@@ -101,7 +84,7 @@ def build_corpus(
         },
         "options": {"styles": [a.name for a in chosen], "limit": limit, "size": size, "per_shard": samples_per_shard},
     }
-    built, reason = check_corpus(root, expected)
+    built, reason = check_build(root, expected, rehash=None)
     if built is None:
         if root.is_dir() and any(root.iterdir()) and not (root / MARKER).exists():
             raise FileExistsError(
@@ -111,7 +94,7 @@ def build_corpus(
         root.mkdir(parents=True, exist_ok=True)
         (root / MARKER).touch()
         with folder_lock(root, "corpus folder", "give `--out` another folder"):
-            built, reason = check_corpus(root, expected)
+            built, reason = check_build(root, expected, rehash=None)
             if built is None:
                 return _build(
                     root, expected, reason, chosen, sets, limit, size, workers, seed, samples_per_shard, progress
