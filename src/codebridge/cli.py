@@ -61,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     emoji.add_argument("--clips", type=int, default=1200, help="number of clips (default 1200)")
     emoji.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     emoji.add_argument("--seed", type=int, default=0)
+    corpus = data_sub.add_parser(
+        "corpus",
+        help="build the multi-style emoji, icon and flag corpus from npm packages as WebDataset shards",
+        description="Rasterise the same emoji concepts in every freely licensed art style on npm, named icon sets "
+        "and flags, with several captions per image, into DIR/SUITE/SPLIT/shard-NNNNN.tar. Idempotent.",
+    )
+    corpus.add_argument("--out", type=Path, default=None, help="corpus folder (default $CODEBRIDGE_HOME/corpus)")
+    corpus.add_argument("--styles", nargs="+", default=None, metavar="STYLE", help="only these sets (default all)")
+    corpus.add_argument("--limit", type=int, default=None, help="only N concepts per set (for quick tests)")
+    corpus.add_argument("--size", type=int, default=64, help="image edge in pixels (default 64)")
+    corpus.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    corpus.add_argument("--seed", type=int, default=0)
 
     shard = data_sub.add_parser(
         "shard",
@@ -225,6 +237,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
             n_clips=args.clips,
             workers=args.workers,
             seed=args.seed,
+        )
+        print(json.dumps(manifest["counts"], indent=2))
+        return 0
+    if args.data_command == "corpus":
+        from codebridge.data.corpus.build import build_corpus
+
+        manifest = build_corpus(
+            out=args.out, styles=args.styles, limit=args.limit, size=args.size, workers=args.workers, seed=args.seed
         )
         print(json.dumps(manifest["counts"], indent=2))
         return 0

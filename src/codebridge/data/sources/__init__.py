@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from codebridge.config import DataConfig
+from codebridge.data.corpus import source as corpus_source  # noqa: F401  (registers the corpus suites)
 from codebridge.data.sample import Sample
 from codebridge.data.sources import builtin, csv, jsonl, webdataset  # noqa: F401  (register the readers)
 from codebridge.data.sources.spec import SOURCES, Problem, Problems, Source, source_class
