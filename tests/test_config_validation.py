@@ -26,6 +26,8 @@ from codebridge.config import (
     load_config,
     recipe_names,
     resolve_recipe,
+    section_types,
+    sections_field,
     to_dict,
     validate,
 )
@@ -41,10 +43,13 @@ class Case:
 
 
 def fields_of(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, dataclasses.Field]]:
-    """(dotted path, annotation, field) of every field, sections and their fields alike."""
+    """(dotted path, annotation, field) of every field, sections and their fields alike (a registered section
+    such as ``prep.image`` comes with the field that holds the sections)."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        path, tp = prefix + f.name, hints[f.name]
+    flat = sections_field(cls)
+    named = [(f.name, hints[f.name], f) for f in dataclasses.fields(cls) if f is not flat]
+    for name, tp, f in [*named, *((name, kind, flat) for name, kind in section_types(cls).items())]:
+        path = prefix + name
         yield path, tp, f
         if dataclasses.is_dataclass(tp):
             yield from fields_of(tp, path + ".")
@@ -187,7 +192,7 @@ RULES = [
     (["model.image.heads=3"], "model.image.heads=3 must divide model.image.width=128"),
     (["model.text.heads=3"], "model.text.heads=3 must divide model.text.width=128"),
     (["model.audio.heads=3"], "model.audio.heads=3 must divide model.audio.width=128"),
-    (["model.video.heads=5"], "model.video.heads=5 must divide model.image.width=128"),
+    (["model.video.heads=5", "data.modalities=[video, text]"], "model.video.heads=5 must divide model.image.width=128"),
     (["model.audio.subsample=3"], "model.audio.subsample=3 must be a power of two"),
     (["data.csv_separator=',,'"], "data.csv_separator=',,' must be one character"),
     (["data.csv_separator=''"], "data.csv_separator='' must be one character"),

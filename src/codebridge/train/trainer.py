@@ -170,7 +170,7 @@ class Trainer:
         if "text" not in self.cfg.data.modalities:
             return None
         from codebridge.data.dataset import all_texts
-        from codebridge.data.preprocess.text import Tokenizer
+        from codebridge.data.modalities.text import Tokenizer
 
         if self.checkpoint is not None:
             return Tokenizer.load(self.checkpoint / TOKENIZER_DIR)

@@ -24,7 +24,15 @@ ACCEPTED = (
     "a built-in suite NAME[:train|:test] ({suites}), a .csv/.tsv file, a .jsonl file, a .tar shard, "
     "a folder of .tar shards, or a brace pattern such as dir/shard-{{00000..00009}}.tar"
 )
-MEDIA = ("image", "audio", "video")  # the modalities stored as files
+
+
+def media_modalities() -> list[str]:
+    """The registered modalities stored as files (those with file extensions; captions are inline)."""
+    from codebridge.data.modalities import modality, modality_names  # lazy: the modalities import torch
+
+    return [name for name in modality_names() if modality(name).extensions]
+
+
 SKIP_HINT = "or skip and count such samples with --set data.skip_bad=true"
 ICONV_HINT = "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT (when it was written as Latin-1)"
 
