@@ -33,6 +33,11 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (a test's or an unloaded plugin's component), so configs stop carrying its section."""
+        self.get(name)
+        del self._items[name], self._configs[name]
+
     def configs(self) -> dict[str, type]:
         """name -> config type of every entry registered with one, in registration order."""
         return {name: config for name, config in self._configs.items() if config is not None}
