@@ -236,7 +236,8 @@ def details(part: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"Loader: {loader['spec']} ({loader['items']} items, batch {loader['batch_size']}, "
-        f"{loader['num_workers']} workers, cache {loader['cache']}): {loader['samples_per_s']:.0f} samples/s warm "
+        f"{loader['num_workers']} workers, cache {loader['cache_mb']:g} MiB): "
+        f"{loader['samples_per_s']:.0f} samples/s warm "
         f"(first epoch {loader['cold_epoch']['samples'] / loader['cold_epoch']['seconds']:.0f}); the emoji recipe's "
         f"clip step consumes {emoji['samples_per_s']['clip']:.0f} samples/s, the paper-scale clip step "
         f"{steps['samples_per_s']['clip']:.1f}.",

@@ -37,7 +37,7 @@ def run_loader(recipe: str, overrides: list[str]) -> dict[str, Any]:
         "items": len(samples),
         "batch_size": cfg.train.batch_size,
         "num_workers": cfg.data.num_workers,
-        "cache": cfg.data.cache,
+        "cache_mb": cfg.data.cache_mb,
         "cold_epoch": {"samples": cold_samples, "seconds": cold_seconds},
         "warm_epoch": {"samples": warm_samples, "seconds": warm_seconds},
         "samples_per_s": warm_samples / warm_seconds,

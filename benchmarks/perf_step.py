@@ -23,6 +23,7 @@ from codebridge.config import Config, load_config
 from codebridge.data.preprocess import Preprocessors, Tokenizer
 from codebridge.models.model import CodeBridgeModel
 from codebridge.train.optim import WarmupCosine, build_optimizer
+from codebridge.train.parallel import GradientSync
 from perf_measure import count_flops, interleaved_times, median
 
 BRIDGES = ("clip", "codebook", "fdt")
@@ -85,11 +86,14 @@ class StepRun:
     batch: dict[str, Any]
     grad_clip: float
     step: int = 0
+    sync: GradientSync | None = None  # how gradients meet over ranks (benchmarks/ddp_overlap.py); None: one process
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss, _ = self.model.loss(self.batch, self.step)
+        loss, _ = (self.model if self.sync is None else self.sync).loss(self.batch, self.step)
         loss.backward()
+        if self.sync is not None:
+            self.sync.finish()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
         self.optimizer.step()
         self.scheduler.step()

@@ -8,6 +8,7 @@ missing=()
 command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 command -v npm >/dev/null || missing+=(npm)
 command -v chromium >/dev/null || missing+=(chromium)
+ldconfig -p 2>/dev/null | grep -q "libcairo.so.2 " || missing+=(libcairo2)  # cairosvg (corpus SVGs)
 if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from codebridge.config import DataConfig
 from codebridge.data.dataset import SampleDataset, collate
 from codebridge.data.emoji.suites import load_suite
+from codebridge.data.sources import source_for
 from codebridge.eval import codes as codes_module
 from codebridge.eval import localization, pointing
-from codebridge.eval.codes import emoji_concept_groups, evaluate_codes
+from codebridge.eval.codes import evaluate_codes
 from codebridge.eval.localization import code_affinity, encode_features, position_similarity
 from codebridge.eval.pointing import evaluate_localization
 from codebridge.models.bridges.fdt_grounding import token_scores
@@ -73,7 +75,7 @@ def old_usage_counts(model, samples, batch_size: int) -> tuple[str, dict[str, np
     key, size = ("codes", bridge.codebook.size) if bridge.name == "codebook" else ("weights", bridge.fdt.num_tokens)
     counts = {}
     for modality in [m for m in model.modalities if all(s.has(m) for s in samples)]:
-        dataset = SampleDataset(samples, [modality], model.preprocessors, train=False, cache=False)
+        dataset = SampleDataset(samples, [modality], model.preprocessors, train=False)
         total = np.zeros(size)
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
             entry = {k: v.to(model.device) for k, v in batch[modality].items()}
@@ -139,7 +141,7 @@ def test_pointing_game_numbers_are_unchanged(emoji_root: Path, bridge: str, monk
 def test_codes_analysis_is_unchanged(emoji_root: Path, tmp_path: Path, bridge: str, monkeypatch) -> None:
     scenes = load_suite("emoji-scenes", "train", root=emoji_root)[:6]
     model = tiny_model(bridge, [s.media.get("text", [])[0] for s in scenes])
-    groups = emoji_concept_groups(emoji_root)
+    groups = source_for("emoji-scenes:test", DataConfig(root=str(emoji_root))).concept_groups()
     metrics = evaluate_codes(model, scenes, tmp_path / "new", groups=groups, batch_size=4, top=3)
     monkeypatch.setattr(codes_module, "code_affinity", old_code_affinity)
     reference = evaluate_codes(model, scenes, tmp_path / "old", groups=groups, batch_size=4, top=3)

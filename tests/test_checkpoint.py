@@ -88,9 +88,12 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 def test_each_rank_resumes_at_its_own_data_position(tmp_path: Path) -> None:
     net, optimizer, scheduler = build()
     path = save(tmp_path, 2, net, optimizer, scheduler)
-    assert json.loads((path / "data" / "rank_0.json").read_text()) == {"batches": 4}
+    assert json.loads((path / "data" / "rank_0.json").read_text()) == {"batches": 4, "stream": {}}
     (path / "data" / "rank_0.json").write_text('{"batches": 5}')  # this rank left out one all-bad batch
     assert load_checkpoint(path, *build()).batches == 5
+    stream = {"epoch": 1, "consumed": [3, 6], "next_worker": 1}  # streamed shards: per-worker position
+    (path / "data" / "rank_0.json").write_text(json.dumps({"batches": 5, "stream": stream}))
+    assert load_checkpoint(path, *build()).stream == stream
     shutil.rmtree(path / "data")  # a checkpoint from before per-rank positions: rank 0's from trainer.json
     assert load_checkpoint(path, *build()).batches == 4
 

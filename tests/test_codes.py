@@ -7,15 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from codebridge.config import ConfigError
+from codebridge.config import ConfigError, DataConfig
 from codebridge.data.emoji.suites import load_suite
 from codebridge.data.sample import Sample
+from codebridge.data.sources import source_for
 from codebridge.eval.codes import (
     Assignments,
     TopPatches,
     code_metrics,
     concept_agreement,
-    emoji_concept_groups,
     evaluate_codes,
     grid_rows,
     label_metrics,
@@ -116,7 +116,7 @@ def test_grid_rows_put_codes_shared_by_modalities_first() -> None:
 def test_evaluate_codes_on_built_scenes_writes_the_table_and_grid(emoji_root: Path, tmp_path: Path, bridge) -> None:
     scenes = load_suite("emoji-scenes", "train", root=emoji_root)[:10]
     model = tiny_model(bridge, [s.media.get("text", [])[0] for s in scenes])
-    groups = emoji_concept_groups(emoji_root)
+    groups = source_for("emoji-scenes:test", DataConfig(root=str(emoji_root))).concept_groups()
     assert groups[scenes[0].meta["objects"][0]["concept"]] >= 0
     metrics = evaluate_codes(model, scenes, tmp_path, groups=groups, batch_size=4, top=3, rows=4)
     assert metrics["codes_positions"] == 10 * 16 + sum(

@@ -1,6 +1,6 @@
 import pytest
 
-from codebridge.config import Config, ConfigError, load_config, save_config
+from codebridge.config import Config, ConfigError, from_dict, load_config, save_config
 
 
 def test_defaults_load():
@@ -80,3 +80,11 @@ def test_packaged_recipe_by_name():
     assert cfg.model.bridge.name == "fdt"
     with pytest.raises(ConfigError, match="emoji-clip"):
         load_config("emoji-nope")
+
+
+def test_an_old_config_with_data_cache_loads() -> None:
+    """Run and model folders written before data.cache_mb (data.cache: true/false) still load."""
+    assert from_dict(Config, {"data": {"cache": True}}).data.cache_mb == 2048.0
+    assert from_dict(Config, {"data": {"cache": False}}).data.cache_mb == 0.0
+    with pytest.raises(ConfigError, match="cache"):
+        from_dict(Config, {"data": {"cache": "yes"}})

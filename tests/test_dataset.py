@@ -94,7 +94,7 @@ def test_preprocessors_save_and_load(prep: Preprocessors, tmp_path: Path) -> Non
 
 
 def test_all_texts_lists_every_caption(samples: list[Sample]) -> None:
-    texts = all_texts(samples)
+    texts = list(all_texts(samples))
     assert len(texts) == 3 * COUNT and texts[:2] == ["caption one of 0", "caption two of 0"]
 
 
@@ -175,7 +175,7 @@ def test_cache_keeps_decoded_inputs(samples: list[Sample], prep: Preprocessors, 
     image = tmp_path / "once.png"
     Image.new("RGB", (8, 8), (10, 200, 30)).save(image)
     one = [Sample(key="0", source="x.csv:2", media={"image": str(image), "text": ["a"]})]
-    cached, uncached = dataset(one, prep, ("image",)), dataset(one, prep, ("image",), cache=False)
+    cached, uncached = dataset(one, prep, ("image",), cache_mb=1), dataset(one, prep, ("image",))
     first = cached[0]["image"]["pixels"]
     uncached[0]
     image.unlink()  # later epochs must not need the file again
@@ -183,6 +183,24 @@ def test_cache_keeps_decoded_inputs(samples: list[Sample], prep: Preprocessors, 
     assert not torch.equal(cached[0]["image"]["pixels"], first)  # re-augmented from the cached array
     with pytest.raises(BadSampleError, match="does not exist"):
         uncached[0]
+
+
+def test_cache_keeps_the_most_recent_inputs_within_its_byte_budget(prep: Preprocessors, tmp_path: Path) -> None:
+    """Three 64x64 RGB images decode to 12 KiB each; a 30 KiB cache keeps the two used last."""
+    files = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, file in enumerate(files):
+        Image.new("RGB", (64, 64), (10 * i, 200, 30)).save(file)
+    many = [Sample(key=str(i), source=f"x.csv:{i + 2}", media={"image": str(f)}) for i, f in enumerate(files)]
+    cached = dataset(many, prep, ("image",), cache_mb=30 / 1024)
+    for i in (0, 1, 0, 2):  # 1 is now the least recently used
+        cached[i]
+    assert len(cached.cache) == 2 and cached.cache.size == 2 * 64 * 64 * 3 <= cached.cache.budget
+    for file in files:
+        file.unlink()
+    cached[0], cached[2]  # still cached
+    with pytest.raises(BadSampleError, match="does not exist"):
+        cached[1]
+    assert len(dataset(many, prep, ("image",)).cache) == 0  # off by default
 
 
 def epoch_indices(loader) -> list[list[int]]:
@@ -215,12 +233,12 @@ def test_resume_skips_batches_without_decoding_them(samples: list[Sample], prep:
     full = build_loader(dataset(samples, prep), 4, True, 1, 0, drop_last=True)
     assert len(full) == 3
     reference = [batch for _ in range(3) for batch in full]  # epochs 0, 1, 2
-    resumed_ds = dataset(samples, prep)
+    resumed_ds = dataset(samples, prep, cache_mb=64)  # the cache tells what was decoded
     resumed = build_loader(resumed_ds, 4, True, 1, 0, drop_last=True, start_step=4)
     batches = iter(resumed)
     first = next(batches)
     assert resumed.epoch == 1
-    assert {index for index, _ in resumed_ds._decoded} == set(first["index"].tolist())  # skipped: never decoded
+    assert {index for index, _ in resumed_ds.cache._items} == set(first["index"].tolist())  # skipped: never decoded
     assert same_batches([first, *batches], reference[4:6])  # the rest of epoch 1
     assert same_batches(list(resumed), reference[6:9]) and resumed.epoch == 2  # then whole epochs
 

@@ -1,4 +1,4 @@
-"""Two gloo processes train exactly like one process on the concatenated batch."""
+"""Two gloo processes train exactly like one process on the concatenated batch, and keep identical state."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,15 +18,18 @@ from safetensors.torch import load_file, save_file
 
 from codebridge.config import Config, save_config
 from codebridge.data.preprocess import Preprocessors, Tokenizer
-from codebridge.distributed import all_reduce_mean
+from codebridge.distributed import all_reduce_mean, rank
 from codebridge.models.model import CodeBridgeModel
 from codebridge.train import train
-from codebridge.train.parallel import average_gradients, barrier, init_distributed
+from codebridge.train.parallel import GradientSync, barrier, init_distributed
+from codebridge.train.trainer import Trainer
 from helpers import free_port
 from test_trainer import one_thread, shapes, tiny_config  # noqa: F401  (fixtures)
 
-BRIDGES = ("clip", "fdt")
-BATCH = 8  # global; each of the two ranks takes 4 rows
+BRIDGES = ("clip", "codebook", "fdt")
+MODES = ("overlap", "manual")
+BATCH = 8  # global; two micro-batches of 4 rows, each split between the two ranks
+MICRO = 2
 
 
 def fixed_batch(vocab_size: int, context_length: int) -> dict:
@@ -41,14 +45,26 @@ def rows(batch: dict, part: slice) -> dict:
     return {k: rows(v, part) if isinstance(v, dict) else v[part] for k, v in batch.items()}
 
 
-def loss_and_grads(model_dir: Path, batch: dict) -> dict[str, torch.Tensor]:
-    """Loss (averaged over ranks) and gradients (averaged by the trainer's all-reduce) of one step in float64."""
+def micro_batches(batch: dict, rank: int, world: int) -> list[dict]:
+    """This rank's share of each micro-batch: micro-batch i is the global rows [i*4, i*4+4), split over ranks."""
+    size = BATCH // MICRO
+    share = size // world
+    return [rows(batch, slice(i * size + rank * share, i * size + (rank + 1) * share)) for i in range(MICRO)]
+
+
+def loss_and_grads(model_dir: Path, batches: list[dict], mode: str) -> dict[str, torch.Tensor]:
+    """Loss (averaged over ranks) and gradients (synchronised as the trainer does) of one accumulated step, in
+    float64."""
     model = CodeBridgeModel.load(model_dir).double().train()
-    loss, _ = model.loss(batch, step=0)
-    loss.backward()
-    average_gradients(model)
+    sync = GradientSync(model, mode, len(batches))
+    losses = []
+    for batch in batches:
+        loss, _ = sync.loss(batch, step=0)
+        (loss / len(batches)).backward()
+        losses.append(loss.detach())
+    sync.finish()
     grads = {f"grad/{n}": p.grad for n, p in model.named_parameters() if p.grad is not None}
-    return {"loss": all_reduce_mean(loss.detach()), **grads}
+    return {"loss": all_reduce_mean(torch.stack(losses).mean()), **grads}
 
 
 def save_models(tmp_path: Path) -> tuple[list[Path], dict]:
@@ -57,6 +73,7 @@ def save_models(tmp_path: Path) -> tuple[list[Path], dict]:
     cfg.model.image.width = cfg.model.text.width = 32
     cfg.model.image.depth = cfg.model.text.depth = 1
     cfg.model.bridge.embed_dim = 32
+    cfg.model.bridge.codebook.size = 16
     cfg.model.bridge.fdt.num_tokens, cfg.model.bridge.fdt.dim, cfg.model.bridge.fdt.temperature = 64, 32, 1.0
     tokenizer = Tokenizer.train(["a red circle", "a blue square", "green triangles"], cfg.prep.text)
     dirs = []
@@ -71,25 +88,71 @@ def _worker(rank: int, world: int, init_file: str, dirs: list[Path], batch: dict
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        share = BATCH // world
-        for model_dir in dirs:
-            result = loss_and_grads(model_dir, rows(batch, slice(rank * share, (rank + 1) * share)))
-            if rank == 0:
-                save_file({k: v.contiguous() for k, v in result.items()}, str(out / f"{model_dir.name}.safetensors"))
+        for mode in MODES:
+            for model_dir in dirs:
+                result = loss_and_grads(model_dir, micro_batches(batch, rank, world), mode)
+                if rank == 0:
+                    tensors = {k: v.contiguous() for k, v in result.items()}
+                    save_file(tensors, str(out / f"{model_dir.name}-{mode}.safetensors"))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_processes_match_one_on_the_concatenated_batch(tmp_path: Path) -> None:
+    """Both gradient synchronisations, with two accumulated micro-batches, for every bridge."""
     dirs, batch = save_models(tmp_path)
     mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), dirs, batch, tmp_path), nprocs=2, join=True)
     for model_dir in dirs:
-        single = loss_and_grads(model_dir, batch)
-        double = load_file(tmp_path / f"{model_dir.name}.safetensors")
-        assert single.keys() == double.keys(), model_dir.name
+        single = loss_and_grads(model_dir, micro_batches(batch, 0, 1), "overlap")
         assert len(single) > 10
-        for name, value in single.items():
-            torch.testing.assert_close(double[name], value, rtol=1e-5, atol=1e-8, msg=f"{model_dir.name} {name}")
+        for mode in MODES:
+            double = load_file(tmp_path / f"{model_dir.name}-{mode}.safetensors")
+            assert single.keys() == double.keys(), (model_dir.name, mode)  # unused parameters: None in both
+            for name, value in single.items():
+                torch.testing.assert_close(double[name], value, rtol=1e-5, atol=1e-8, msg=f"{model_dir.name} {name}")
+
+
+class _RecordingTrainer(Trainer):
+    """The real trainer, writing this rank's whole model state (parameters and buffers) after every step."""
+
+    def _step(self, batches: Any) -> tuple[float, dict[str, float], int, float]:
+        result = super()._step(batches)
+        state = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(self.run_dir / f"state-{self.state.step}-rank{rank()}.safetensors"))
+        return result
+
+
+def _train_worker(rank: int, world: int, init_file: str, configs: list[Config]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for cfg in configs:
+            _RecordingTrainer(cfg, torch.device("cpu"), None).run()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_codebook_is_identical_on_every_rank_after_each_step(shapes: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    """Two gloo ranks on different data, accumulating 1 and 2 micro-batches: the EMA codebook (codes, cluster sizes
+    and sums, unused-batch counters, dead-code restarts) and every parameter stay bit-identical on both ranks
+    after every step."""
+    steps, threshold, accumulations = 6, 2, (1, 2)
+    overrides = ["model.bridge.name=codebook", f"model.bridge.codebook={{size: 64, dead_code_threshold: {threshold}}}"]
+    overrides += [f"train.steps={steps}", "train.batch_size=4", "data.val=null"]
+    configs = [tiny_config(shapes, tmp_path / f"accum{a}", *overrides, f"train.accum_steps={a}") for a in accumulations]
+    mp.spawn(_train_worker, args=(2, str(tmp_path / "rendezvous"), configs), nprocs=2, join=True)
+    for accum in accumulations:
+        restarts = 0
+        for step in range(1, steps + 1):
+            run = tmp_path / f"accum{accum}"
+            first, second = (load_file(run / f"state-{step}-rank{r}.safetensors") for r in range(2))
+            assert first.keys() == second.keys()
+            assert any(k.startswith("bridge.codebook.") for k in first)
+            for name, value in first.items():
+                assert torch.equal(value, second[name]), f"accum {accum}, step {step}: {name} differs between ranks"
+            restarts += int((first["bridge.codebook.cluster_size"] == 1.0).sum())  # a restart sets N = 1 exactly
+            assert int(first["bridge.codebook.unused_steps"].max()) < threshold
+        assert restarts > 0, accum  # dead-code restarts happened (rank 0's vectors, broadcast) and stayed in step
 
 
 def test_torchrun_matches_one_process_with_the_global_batch(shapes: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
@@ -145,3 +208,9 @@ def test_dist_timeout_bounds_the_wait_for_a_frozen_rank(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "rank0.json").read_text())
     assert result["error"], "the barrier with a frozen rank returned"
     assert 4 < result["seconds"] < 60, result
+
+
+def test_static_graph_refuses_accumulation() -> None:
+    """DDP's static graph counts gradient hooks per step; accumulation makes the ranks' weights diverge."""
+    with pytest.raises(ValueError, match="static_graph needs accum_steps 1"):
+        GradientSync(torch.nn.Linear(2, 2), "overlap", 2, static_graph=True)

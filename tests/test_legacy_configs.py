@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from codebridge.config import load_config, to_dict
+from codebridge.config import LEGACY_CACHE_MB, DataConfig, load_config, to_dict
 from codebridge.data.preprocess import Preprocessors
 from codebridge.models.model import CodeBridgeModel
 
@@ -36,6 +36,8 @@ def fixed_inputs() -> dict[str, object]:
 def test_an_old_run_config_loads_to_the_same_values() -> None:
     old = yaml.safe_load((LEGACY / "config.yaml").read_text())
     new = to_dict(load_config(LEGACY / "config.yaml"))
+    assert old["data"]["cache"] is True and new["data"]["cache_mb"] == LEGACY_CACHE_MB  # renamed since: upgraded
+    old["data"] = DataConfig.upgrade(old["data"])
     for section in ("prep", "model", "train", "eval", "data"):  # sections added since get their defaults
         assert {k: new[section][k] for k in old[section]} == old[section], section
 

@@ -137,3 +137,17 @@ def test_bf16_step_benchmark_writes_both_precisions(tmp_path: Path) -> None:
     assert len(clip["raw"]["fp32"]) == len(clip["raw"]["bf16"]) == 1
     assert results["_meta"]["command"].startswith("python benchmarks/bf16_step.py")
     assert "| clip |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow  # about a minute: five fresh interpreters, so each peak RSS is its own
+def test_stream_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/stream.py --small end to end: shard sets, peak RSS runs, loader speed, both resumes."""
+    import subprocess
+
+    script = BENCHMARKS / "stream.py"
+    command = [sys.executable, str(script), "--small", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True)
+    result = json.loads((tmp_path / "stream.json").read_text())
+    assert len(result["rss"]) == 3 and all(r["peak_rss_mb"] > 0 for r in result["rss"].values())
+    assert result["resume"]["exact"]["same_batches"] and result["resume"]["resampled"]["same_step"]
+    assert "python benchmarks/stream.py --small" in (tmp_path / "stream.md").read_text()

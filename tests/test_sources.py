@@ -348,3 +348,46 @@ def test_builtin_suite_is_delegated(emoji_root: Path) -> None:
     assert open_source("emoji-clips", DataConfig(root=str(emoji_root))) == load_suite(
         "emoji-clips", "train", emoji_root
     )
+
+
+def test_a_source_defined_here_is_found_by_its_spec(media: Path) -> None:
+    """The protocol: a new reader registers itself and says which specs it handles; no central table changes."""
+    from collections.abc import Iterator
+
+    from codebridge.data.sample import Sample
+    from codebridge.data.sources import SOURCES, Source, source_for
+
+    class Counting(Source):
+        accepts = "count:N"
+
+        @classmethod
+        def handles(cls, spec: str) -> bool:
+            return spec.startswith("count:")
+
+        def __iter__(self) -> Iterator[Sample]:
+            for i in range(int(self.spec.partition(":")[2])):
+                yield Sample(key=str(i), source=f"{self.spec}:{i}", media={"text": [f"caption {i}"]})
+
+    SOURCES.register("test-counting")(Counting)
+    try:
+        assert [s.key for s in open_source("count:3", DataConfig())] == ["0", "1", "2"]
+        joined = source_for(f"count:2::{write_table(media / 't.csv', COCO_ROWS)}", DataConfig())
+        assert joined.length() is None and joined.shards() is None  # a part neither knows its length nor streams
+        with pytest.raises(ConfigError, match=r"count:N"):
+            open_source("nothing-here", DataConfig())
+    finally:
+        SOURCES._items.pop("test-counting")
+
+
+def test_sources_know_length_shards_and_suite_metadata(media: Path) -> None:
+    from codebridge.data.sources import source_for
+
+    first, second = user_shards(media / "shards", media)
+    shards = source_for(str(media / "shards"), DataConfig())
+    assert shards.shards() == [str(first), str(second)] and shards.length() is None
+    table = source_for(str(write_table(media / "t.csv", COCO_ROWS)), DataConfig())
+    assert table.length() == 2 and table.shards() is None and table.class_names("group") is None
+    assert table.split("train") is None and table.concept_groups() is None
+    joined = source_for(f"{media / 'shards'}::{second}", DataConfig())
+    assert joined.shards() == [str(first), str(second), str(second)]
+    assert source_for("emoji-style:test", DataConfig()).split("train") == "emoji-style:train"

@@ -61,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     emoji.add_argument("--clips", type=int, default=1200, help="number of clips (default 1200)")
     emoji.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     emoji.add_argument("--seed", type=int, default=0)
+    corpus = data_sub.add_parser(
+        "corpus",
+        help="build the multi-style emoji, icon and flag corpus from npm packages as WebDataset shards",
+        description="Rasterise the same emoji concepts in every freely licensed art style on npm, named icon sets "
+        "and flags, with several captions per image, into DIR/SUITE/SPLIT/shard-NNNNN.tar. Idempotent.",
+    )
+    corpus.add_argument("--out", type=Path, default=None, help="corpus folder (default $CODEBRIDGE_HOME/corpus)")
+    corpus.add_argument("--styles", nargs="+", default=None, metavar="STYLE", help="only these sets (default all)")
+    corpus.add_argument("--limit", type=int, default=None, help="only N concepts per set (for quick tests)")
+    corpus.add_argument("--size", type=int, default=64, help="image edge in pixels (default 64)")
+    corpus.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    corpus.add_argument("--seed", type=int, default=0)
 
     shard = data_sub.add_parser(
         "shard",
@@ -153,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--queries", type=int, default=4, help="example queries to show (default 4)")
     report.add_argument("--max-samples", type=int, default=5000, help="validation items to search (default 5000)")
 
+    _add_search_parsers(sub)
+
     demo = sub.add_parser(
         "demo",
         help="the whole pipeline on the built-in data: build, train, evaluate, report",
@@ -167,6 +181,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_search_parsers(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser(
+        "index",
+        help="embed a collection into a search index (resumable; torchrun for several processes)",
+        description="Embed one modality of SPEC in numbered parts (a rerun continues where a killed one stopped), "
+        "then merge them with a metadata table and a FAISS index. docs/search.md",
+    )
+    index.add_argument("--model", required=True, type=Path, help="model folder (RUN/model)")
+    index.add_argument("--data", required=True, help="data spec of the collection (CSV/TSV, JSONL, shards, suite)")
+    index.add_argument("--out", required=True, type=Path, help="index folder to write")
+    index.add_argument("--modality", default=None, help="modality to index (default: the model's first non-text one)")
+    index.add_argument("--batch-size", type=int, default=64)
+    index.add_argument("--part-size", type=int, default=1024, help="items per resumable part (default 1024)")
+    index.add_argument("--ann", default="auto", help="auto (flat up to 50k items, else IVF), flat, ivf, ivfpq, hnsw")
+    index.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable items")
+
+    search = sub.add_parser("search", help="query an index from the command line", description="Print the top hits.")
+    search.add_argument("--index", required=True, type=Path, help="index folder (from codebridge index)")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a caption to search for")
+    query.add_argument("--image", type=Path, help="an image file to search with")
+    query.add_argument("--audio", type=Path, help="an audio file to search with")
+    query.add_argument("--id", dest="item_id", type=int, help="an item of the index: find its neighbours")
+    search.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    search.add_argument("--model", type=Path, default=None, help="model folder (default: the one that built it)")
+    search.add_argument(
+        "--mode",
+        choices=["dense", "sparse", "hybrid"],
+        default="dense",
+        help="dense (FAISS, default), sparse (through the shared codes), hybrid (both scores summed)",
+    )
+    search.add_argument("--explain", action="store_true", help="list the shared codes each hit matched")
+    search.add_argument("--json", dest="as_json", action="store_true", help="print the hits as JSON")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve an index: JSON API and a search page",
+        description="HTTP JSON API (/search, /items/ID, /health, /info) and a web page at /. docs/search.md",
+    )
+    serve.add_argument("--index", required=True, type=Path, help="index folder (from codebridge index)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "emoji":
         from codebridge.data.emoji.build import build_emoji
@@ -178,6 +237,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
             n_clips=args.clips,
             workers=args.workers,
             seed=args.seed,
+        )
+        print(json.dumps(manifest["counts"], indent=2))
+        return 0
+    if args.data_command == "corpus":
+        from codebridge.data.corpus.build import build_corpus
+
+        manifest = build_corpus(
+            out=args.out, styles=args.styles, limit=args.limit, size=args.size, workers=args.workers, seed=args.seed
         )
         print(json.dumps(manifest["counts"], indent=2))
         return 0
@@ -266,6 +333,51 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    from codebridge.search.index import build_index
+
+    out = build_index(
+        args.model,
+        args.data,
+        args.out,
+        args.modality,
+        batch_size=args.batch_size,
+        part_size=args.part_size,
+        skip_bad=args.skip_bad,
+        ann=args.ann,
+    )
+    print(f"index: {out}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from codebridge.search.output import format_table
+    from codebridge.search.searcher import BadQuery, Searcher
+
+    searcher = Searcher(args.index, args.model)
+    try:
+        if args.item_id is not None:
+            hits = searcher.similar(args.item_id, args.k, args.mode, args.explain)
+        else:
+            modality, value = next((m, v) for m in ("text", "image", "audio") if (v := getattr(args, m)) is not None)
+            if modality != "text" and not value.is_file():
+                raise FileNotFoundError(f"--{modality} {value} does not exist")
+            value = value if modality == "text" else str(value)
+            hits = searcher.search(modality, value, args.k, args.mode, args.explain)
+    except BadQuery as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(hits, indent=1) if args.as_json else format_table(hits))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from codebridge.search.api import serve
+
+    serve(args.index, host=args.host, port=args.port, max_upload=int(args.max_upload_mb * 1e6))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from codebridge.demo import run_demo
 
@@ -280,6 +392,9 @@ COMMANDS = {
     "localize": _cmd_localize,
     "report": _cmd_report,
     "demo": _cmd_demo,
+    "index": _cmd_index,
+    "search": _cmd_search,
+    "serve": _cmd_serve,
 }
 
 

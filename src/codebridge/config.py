@@ -181,6 +181,9 @@ class PrepConfig(Sectioned):
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
+LEGACY_CACHE_MB = 2048.0  # what an old `data.cache: true` becomes: the budget of the emoji recipes
+
+
 @dataclass
 class DataConfig:
     train: str = "emoji-style:train"  # a built-in suite[:split] or a CSV/TSV/JSONL/WebDataset spec
@@ -189,12 +192,22 @@ class DataConfig:
     modalities: list[str] = field(default_factory=lambda: ["image", "text"])
     skip_bad: bool = False  # skip (and count, and log) unreadable samples instead of stopping
     num_workers: int = num(0, ge=0)
-    cache: bool = True  # keep decoded inputs in memory so later epochs skip decoding
+    cache_mb: float = num(0.0, ge=0)  # map-style data: MiB of decoded inputs kept (per worker) so epochs skip decoding
+    shuffle_buffer: int = num(1000, ge=0)  # streamed shards: samples held to shuffle within shards (0 or 1: none)
+    resampled: bool = False  # streamed shards drawn with replacement, endless; an epoch is data.epoch_samples
+    epoch_samples: int = num(0, ge=0)  # resampled: samples per epoch over all ranks (OpenCLIP's --train-num-samples)
     csv_image_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_audio_key: str = "audio"
     csv_video_key: str = "video"
     csv_separator: str | None = None  # None: ',' for .csv, tab for .tsv
+
+    @staticmethod
+    def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+        """``data.cache: bool`` (before 0.2: an unbounded cache, on by default) becomes ``data.cache_mb``."""
+        if isinstance(data.get("cache"), bool) and "cache_mb" not in data:
+            data["cache_mb"] = LEGACY_CACHE_MB if data.pop("cache") else 0.0
+        return data
 
     def check(self) -> list[str]:
         distinct = 0 < len(set(self.modalities)) == len(self.modalities)
@@ -203,6 +216,8 @@ class DataConfig:
             {
                 "{modalities} must name at least one modality, each once": distinct,
                 "{csv_separator} must be one character (e.g. ',' or a tab) or null": one_character,
+                "{epoch_samples} must be set (> 0) when {resampled} is true": self.epoch_samples > 0
+                or not self.resampled,
             }
         )
 
@@ -253,6 +268,7 @@ class TrainConfig:
     grad_clip: float = num(1.0, ge=0)  # 0: off
     accum_steps: int = num(1, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
+    grad_sync: Literal["overlap", "manual"] = "overlap"  # overlap: DDP during backward; manual: one all-reduce after
     log_every: int = num(10, ge=1)
     eval_every: int = num(0, ge=0)  # 0: only at the end
     checkpoint_every: int = num(200, ge=0)  # 0: only at the end
@@ -402,6 +418,8 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     rules are a ``ConfigError`` naming the full dotted path (``path`` is this section's)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if hasattr(cls, "upgrade"):  # a section renames fields of older versions (old run and model folders load)
+        data = cls.upgrade(dict(data))
     flat = sections_field(cls)
     kinds = section_types(cls)
     fields.pop(flat.name if flat else "", None)

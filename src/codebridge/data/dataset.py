@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,9 +47,9 @@ def with_hint(err: BadSampleError) -> BadSampleError:
     return BadSampleError(err.source, f"{err.reason}; {SKIP_BAD_HINT}")
 
 
-def all_texts(samples: Iterable[Sample]) -> list[str]:
-    """Every caption of every sample, in order: the corpus the tokenizer is trained on."""
-    return [text for sample in samples for text in sample.media.get("text", [])]
+def all_texts(samples: Iterable[Sample]) -> Iterator[str]:
+    """Every caption of every sample, in order and lazily: the corpus the tokenizer is trained on."""
+    return (text for sample in samples for text in sample.media.get("text", []))
 
 
 def derive_seed(*values: int) -> int:
@@ -67,10 +68,10 @@ class SampleDataset(Dataset):
     ``__getitem__(i)`` -> {"index": i, "labels": {name: int}, modality: {name: tensor}}; "text" holds ONE
     caption (random at train time, the first at eval). A sample that lacks a modality or fails to decode raises
     ``BadSampleError`` naming its source; with ``skip_bad`` it gives None instead, and (source, reason) is
-    appended to ``bad`` and logged, once per sample however many epochs meet it. With ``cache``, decoded inputs
-    (image uint8 arrays, waveforms, frame arrays; before any augmentation), and decoding failures, stay in a
-    per-process dict, so later epochs skip decoding: each DataLoader worker (kept alive across epochs by
-    ``build_loader``) holds its own copy of what it decoded.
+    appended to ``bad`` and logged, once per sample however many epochs meet it. With ``cache_mb`` > 0, decoded
+    inputs (image uint8 arrays, waveforms, frame arrays; before any augmentation), and decoding failures, stay in
+    a per-process LRU of at most ``cache_mb`` MiB, so later epochs skip decoding: each DataLoader worker (kept
+    alive across epochs by ``build_loader``) holds its own, so the memory is num_workers x cache_mb at most.
     """
 
     def __init__(
@@ -80,7 +81,7 @@ class SampleDataset(Dataset):
         prep: Preprocessors,
         train: bool,
         skip_bad: bool = False,
-        cache: bool = True,
+        cache_mb: float = 0.0,
         seed: int = 0,
     ) -> None:
         self.specs = check_modalities(modalities)
@@ -94,12 +95,11 @@ class SampleDataset(Dataset):
         self.prep = prep
         self.train = train
         self.skip_bad = skip_bad
-        self.cache = cache
+        self.cache = DecodedCache(cache_mb)
         self.seed = seed
         self.epoch = 0
         self.bad: list[tuple[str, str]] = []  # distinct bad samples, in the order first met
         self._bad_sources: set[str] = set()
-        self._decoded: dict[tuple[int, str], Any] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -127,29 +127,72 @@ class SampleDataset(Dataset):
 
     def load(self, index: int, epoch: int) -> Item:
         """Sample ``index`` preprocessed with the randomness of ``epoch``; raises BadSampleError."""
-        sample = self.samples[index]
+        return self.prepare(self.samples[index], index, epoch)
+
+    def prepare(self, sample: Sample, index: int, epoch: int) -> Item:
+        """``sample`` preprocessed with the randomness of (seed, epoch, index); ``index`` also keys the decoded
+        cache, so a streamed sample (not in ``samples``) needs a dataset without cache."""
         item: Item = {"index": index, "labels": dict(sample.labels)}
         for spec in self.specs:
             generator = _generator(self.seed, epoch, index, spec.stream)
-            item[spec.name] = self.prep[spec.name].entry(self._decode(index, spec.name), self.train, generator)
+            item[spec.name] = self.prep[spec.name].entry(self._decode(sample, index, spec.name), self.train, generator)
         return item
 
-    def _decode(self, index: int, modality: str) -> Any:
-        sample = self.samples[index]
+    def _decode(self, sample: Sample, index: int, modality: str) -> Any:
         if not sample.has(modality):
             raise BadSampleError(
                 sample.source, f"has no {modality}, which this run needs (data.modalities={self.modalities})"
             )
         key = (index, modality)
-        if key not in self._decoded:
+        decoded = self.cache.get(key)
+        if decoded is None:
             try:
-                decoded: Any = decode(self.prep, sample, modality)
+                decoded = decode(self.prep, sample, modality)
             except BadSampleError as err:
                 decoded = err
-            if not self.cache:
-                return _raise_or_return(decoded)
-            self._decoded[key] = decoded
-        return _raise_or_return(self._decoded[key])
+            self.cache.put(key, decoded)
+        return _raise_or_return(decoded)
+
+
+def nbytes(value: Any) -> int:
+    """Memory held by a decoded input (an array, a tensor, or a small object such as a decoding error)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return 256
+
+
+class DecodedCache:
+    """Decoded inputs by (index, modality), least recently used dropped first so they fit ``mb`` MiB (0: off).
+
+    Why a byte budget: decoded images and clips are ten to a hundred times their files; an unbounded cache grows
+    with the data set, per DataLoader worker.
+    """
+
+    def __init__(self, mb: float) -> None:
+        self.budget = int(mb * 2**20)
+        self.size = 0
+        self._items: OrderedDict[tuple[int, str], tuple[Any, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple[int, str]) -> Any:
+        if key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        return self._items[key][0]
+
+    def put(self, key: tuple[int, str], value: Any) -> None:
+        size = nbytes(value)
+        if size > self.budget:
+            return
+        self._items[key] = (value, size)
+        self.size += size
+        while self.size > self.budget:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self.size -= dropped
 
 
 def _raise_or_return(decoded: Any) -> Any:
@@ -271,6 +314,10 @@ class Loader:
     def __len__(self) -> int:
         return len(self._batches)
 
+    def state(self) -> dict[str, Any]:
+        """The resume position besides ``position``: none (``StreamLoader`` has one)."""
+        return {}
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.epoch, self._batches.epoch, self._batches.first = self._next_epoch, self._next_epoch, self._first
         self._next_epoch, self._first = self._next_epoch + 1, 0
@@ -363,13 +410,13 @@ def decodable(
 def training_loader(
     cfg: Config, samples: list[Sample], prep: Preprocessors, rank: int = 0, world_size: int = 1, start_step: int = 0
 ) -> Loader:
-    """The loader a training run uses (augmented, cached, shuffled, full batches), from the run's config.
+    """The loader a training run uses (augmented, cached within data.cache_mb, shuffled, full batches).
 
     Why here: the trainer and the loader benchmark must measure the same loader.
     """
     data = cfg.data
     dataset = SampleDataset(
-        samples, data.modalities, prep, train=True, skip_bad=data.skip_bad, cache=data.cache, seed=cfg.seed
+        samples, data.modalities, prep, train=True, skip_bad=data.skip_bad, cache_mb=data.cache_mb, seed=cfg.seed
     )
     return build_loader(
         dataset,

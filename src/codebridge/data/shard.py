@@ -6,12 +6,14 @@ labels and meta travel in the ``.json`` member and come back unchanged when the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
 from webdataset import ShardWriter
 
 from codebridge.config import DataConfig
+from codebridge.data.sample import Sample
 from codebridge.data.sources import open_source
 from codebridge.data.sources.webdataset import to_record
 from codebridge.files import commit
@@ -35,8 +37,17 @@ def write_shards(spec: str, out: Path, data: DataConfig, samples_per_shard: int 
     out.mkdir(parents=True, exist_ok=True)
     if existing := sorted(out.glob("shard-*.tar")):
         raise FileExistsError(f"{out} already holds shards ({existing[0].name}, ...); choose an empty folder")
+    return write_samples(samples, out, samples_per_shard, f"sharding {spec}")
+
+
+def write_samples(
+    samples: Iterable[Sample], out: Path, samples_per_shard: int = 1000, desc: str = "sharding", progress: bool = True
+) -> list[Path]:
+    """Write ``samples`` in order into ``out/shard-NNNNN.tar`` (byte-identical for identical samples)."""
+    samples = list(samples)
     if not samples:
         return []
+    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     with ShardWriter(
         str(out / PARTIAL),
@@ -47,6 +58,6 @@ def write_shards(spec: str, out: Path, data: DataConfig, samples_per_shard: int 
         mode=0o644,
         encoder=False,  # records already hold the encoded bytes
     ) as sink:
-        for index, sample in enumerate(tqdm(samples, desc=f"sharding {spec}", unit="sample", disable=None)):
+        for index, sample in enumerate(tqdm(samples, desc=desc, unit="sample", disable=None if progress else True)):
             sink.write(to_record(sample, f"{index:09d}"))
     return written

@@ -223,13 +223,6 @@ def concept_groups(samples: list[Sample]) -> dict[int, int]:
     return {s.labels["concept"]: s.labels["group"] for s in samples if {"concept", "group"} <= s.labels.keys()}
 
 
-def emoji_concept_groups(root: str | Path | None = None) -> dict[int, int]:
-    """concept -> group id of the built-in emoji data (scene objects carry only a concept)."""
-    from codebridge.data.emoji.suites import EmojiData
-
-    return {c: row["group_id"] for c, row in EmojiData.open(root).concepts.items()}
-
-
 def code_metrics(found: Assignments, groups: Mapping[int, int]) -> dict[str, float]:
     """Usage, label and agreement metrics of the collected assignments (flat ``codes_*`` keys)."""
     codes, modality, concept, _ = found.arrays()
@@ -295,7 +288,7 @@ def evaluate_codes(
     their image and grid position) and ``codes_grid.png`` (top patches of ``rows`` codes, see ``grid_rows``).
 
     ``groups`` maps concept -> group (default: from the samples' labels). Scene objects carry only a concept, so
-    for the built-in scenes pass ``emoji_concept_groups(root)``.
+    for the built-in scenes pass their source's ``concept_groups()``.
     """
     discrete_space(model)  # a clear error for a bridge without codes, before any data is encoded
     modalities = [m for m in model.modalities if samples and all(s.has(m) for s in samples)]

@@ -34,7 +34,7 @@ def embed_dataset(
     """
     if not samples:
         raise ValueError(f"no samples to embed for {modality}")
-    dataset = SampleDataset(samples, [modality], model.preprocessors, train=False, cache=False)
+    dataset = SampleDataset(samples, [modality], model.preprocessors, train=False)
     loader = build_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers, drop_last=False)
     return torch.cat([model.encode(modality, batch[modality], batch_size) for batch in loader])
 

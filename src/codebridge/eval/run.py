@@ -20,8 +20,8 @@ from torch import Tensor
 from codebridge.config import ConfigError, DataConfig, apply_overrides, from_dict, to_dict
 from codebridge.data.dataset import decodable
 from codebridge.data.sample import Sample
-from codebridge.data.sources import open_source, source_kind
-from codebridge.eval.codes import emoji_concept_groups, evaluate_codes
+from codebridge.data.sources import open_source, source_for
+from codebridge.eval.codes import evaluate_codes
 from codebridge.eval.embed import embed_dataset, embed_items, matching_pairs
 from codebridge.eval.linear_probe import linear_probe
 from codebridge.eval.pointing import evaluate_localization
@@ -121,12 +121,9 @@ def label_values(samples: list[Sample], label: str) -> Tensor:
 
 
 def class_names(job: Job, label: str) -> dict[int, str]:
-    """Built-in suites name their classes; user data names them in each sample's meta (see zeroshot.py)."""
-    if source_kind(job.spec) == "builtin":
-        from codebridge.data.emoji.suites import class_names as suite_class_names
-
-        return dict(enumerate(suite_class_names(label, job.data.root)))
-    return names_from_meta(job.samples, label)
+    """The source names the classes (built-in suites do), else each sample's meta does (see zeroshot.py)."""
+    names = source_for(job.spec, job.data).class_names(label)
+    return names_from_meta(job.samples, label) if names is None else names
 
 
 def run_retrieval(job: Job) -> Metrics:
@@ -165,16 +162,17 @@ def run_zeroshot(job: Job) -> Metrics:
     return metrics
 
 
-def default_train_spec(spec: str) -> str:
-    """The train split of a built-in suite; user files must name their training data."""
-    if source_kind(spec) != "builtin":
+def default_train_spec(spec: str, data: DataConfig) -> str:
+    """The train split the source knows (built-in suites); user files must name their training data."""
+    train = source_for(spec, data).split("train")
+    if train is None:
         raise ConfigError(f"linear-probe on {spec}: name the data to fit the probe on with --train-data")
-    return spec.partition(":")[0] + ":train"
+    return train
 
 
 def run_linear_probe(job: Job) -> Metrics:
     """``linear_probe_{label}_top1``: fit on the train spec's embeddings, score on the evaluated spec's."""
-    train_samples = read_samples(job.train_spec or default_train_spec(job.spec), job.data, job.model)
+    train_samples = read_samples(job.train_spec or default_train_spec(job.spec, job.data), job.data, job.model)
     modality = job.classified(train_samples)
     train_x, test_x = job.embed(modality, train_samples), job.embed(modality)
     c = job.model.cfg.eval.linear_probe_c
@@ -193,7 +191,7 @@ def run_localization(job: Job) -> Metrics:
 
 def run_codes(job: Job) -> Metrics:
     """Code/FDT-token analysis: usage, purity and NMI against concepts/groups, top words and patches."""
-    groups = emoji_concept_groups(job.data.root) if source_kind(job.spec) == "builtin" else None
+    groups = source_for(job.spec, job.data).concept_groups()
     return evaluate_codes(job.model, job.samples, out_dir=job.artifacts, groups=groups, batch_size=job.batch_size)
 
 

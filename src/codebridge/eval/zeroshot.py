@@ -1,7 +1,7 @@
 """Zero-shot classification, OpenCLIP style: each class is the re-normalised mean of its prompts' text embeddings.
 
-Class names come from the data: for the built-in suites ``codebridge.data.emoji.suites.class_names``; for user data
-(JSONL, WebDataset) each labelled sample names its class in ``meta["label_names"]``, e.g.
+Class names come from the data: the source names them when it can (``Source.class_names``: the built-in suites
+do); otherwise (JSONL, WebDataset) each labelled sample names its class in ``meta["label_names"]``, e.g.
 ``{"labels": {"group": 3}, "meta": {"label_names": {"group": "animals"}}}``.
 """
 

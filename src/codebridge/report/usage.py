@@ -68,7 +68,7 @@ def model_code_usage(model: CodeBridgeModel, samples: list[Sample], batch_size: 
         return None
     counts = {}
     for modality in [m for m in model.modalities if all(s.has(m) for s in samples)]:
-        dataset = SampleDataset(samples, [modality], model.preprocessors, train=False, cache=False)
+        dataset = SampleDataset(samples, [modality], model.preprocessors, train=False)
         total = np.zeros(space.size)
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
             entry = {k: v.to(model.device) for k, v in batch[modality].items()}

@@ -7,7 +7,8 @@ Layout of one checkpoint::
     optimizer.json          param groups and non-tensor state
     trainer.json            step, data position (rank 0), scheduler state, world size
     rng/rank_<r>.json       Python/NumPy/torch/CUDA generator states of rank r
-    data/rank_<r>.json      the data position of rank r (ranks can differ when data.skip_bad leaves batches out)
+    data/rank_<r>.json      the data position of rank r (ranks can differ when data.skip_bad leaves batches out;
+                            streamed shards add their per-worker position, see data/stream.py)
     tokenizer/              the BPE tokenizer (text runs)
     config.yaml             the resolved config of the run (a resume is checked against it)
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,6 +56,7 @@ class TrainState:
     epoch: int = 0  # for the logs; the loader derives it from ``batches``
     samples_seen: int = 0  # over all ranks
     world_size: int = 1
+    stream: dict[str, Any] = field(default_factory=dict)  # streamed shards: ``StreamLoader.state()`` of this rank
 
 
 def checkpoint_name(step: int) -> str:
@@ -116,7 +118,7 @@ def save_checkpoint(
         (tmp / "data").mkdir()
     barrier()
     _write_json(tmp / "rng" / f"rank_{rank()}.json", capture_rng())
-    _write_json(tmp / "data" / f"rank_{rank()}.json", {"batches": state.batches})
+    _write_json(tmp / "data" / f"rank_{rank()}.json", {"batches": state.batches, "stream": state.stream})
     barrier()
     if rank() == 0:
         with atomic_path(tmp / "model.safetensors") as weights:
@@ -177,7 +179,8 @@ def load_checkpoint(
     check_world_size(path)
     own_position = path / "data" / f"rank_{rank()}.json"
     if own_position.is_file():  # checkpoints before per-rank positions hold rank 0's only
-        state.batches = json.loads(own_position.read_text())["batches"]
+        own = json.loads(own_position.read_text())
+        state.batches, state.stream = own["batches"], own.get("stream", {})
     load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
     _load_optimizer(optimizer, path)
     scheduler.load_state_dict(meta["scheduler"])

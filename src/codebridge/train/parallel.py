@@ -1,18 +1,31 @@
-"""Trainer side of torch.distributed: join the torchrun process group, pick the device, average gradients.
+"""Trainer side of torch.distributed: join the torchrun process group, pick the device, synchronise gradients.
 
-Gradients are averaged with one flat all-reduce instead of DDP: the bridges already gather negatives with
-gradient (``codebridge.distributed``), and parameters a bridge leaves unused (FDT's summary projections) need
-no ``find_unused_parameters`` bookkeeping.
+Gradients become their mean over ranks in one of two ways (``train.grad_sync``, see ``GradientSync``):
+
+- ``overlap`` (default): torch's ``DistributedDataParallel`` all-reduces gradients in buckets while the backward
+  pass is still running, so communication overlaps computation. ``find_unused_parameters``: parameters a bridge
+  leaves unused (FDT's summary projections) keep a ``None`` gradient, as in one process (``static_graph``, which
+  finds them once instead of every step, makes ranks diverge under accumulation). No buffer sync in forward:
+  the codebook keeps its EMA buffers identical on every rank itself (statistics summed over ranks, restarts from
+  rank 0), so DDP must not overwrite them with rank 0's copy. Accumulation micro-batches run under ``no_sync``.
+- ``manual``: after the whole backward pass, one all-reduce of all gradients flattened together
+  (``average_gradients``); kept for comparison (benchmarks/ddp_overlap.py).
+
+Both are exact: with two ranks, DDP's ``(a / 2) + (b / 2)`` equals ``(a + b) / 2`` bit for bit. The bridges gather
+negatives with gradient (``codebridge.distributed``) inside the same backward pass, in the same order on every rank.
 """
 
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from codebridge.distributed import is_distributed, world_size
 
@@ -88,3 +101,71 @@ def average_gradients(model: nn.Module) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+GradSync = Literal["overlap", "manual"]
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's switch that stops it copying rank 0's buffers over the others' in every forward (renamed in torch
+    2.13; the new one also syncs them once at construction, harmless: they start equal)."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+class _TrainingLoss(nn.Module):
+    """The model's training loss as a ``forward``: DDP prepares its gradient hooks only in its module's forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any, step: int) -> Any:
+        return self.model.loss(batch, step)
+
+
+class GradientSync:
+    """Computes the micro-batch losses of a step and makes the step's gradients their mean over ranks.
+
+    Call ``loss`` once per micro-batch (then backward), ``accum_steps`` times, then ``finish`` before clipping:
+    only the last micro-batch's backward communicates (``overlap``); ``manual`` all-reduces in ``finish``. In one
+    process both are ``model.loss``. The model itself stays unwrapped (saving, evaluation and state dicts as ever).
+
+    ``static_graph`` (benchmarks only) replaces DDP's per-step search for unused parameters by a one-off one; DDP
+    then counts gradient hooks per step, which accumulation breaks (ranks silently diverge), so it needs
+    ``accum_steps`` 1.
+    """
+
+    def __init__(self, model: nn.Module, mode: GradSync, accum_steps: int = 1, *, static_graph: bool = False) -> None:
+        if static_graph and accum_steps > 1:
+            raise ValueError(f"static_graph needs accum_steps 1, got {accum_steps}")
+        self.model = model
+        self.accum_steps = accum_steps
+        self.calls = 0  # loss() calls since the last finish()
+        self.ddp: DistributedDataParallel | None = None
+        if mode == "overlap" and is_distributed():
+            device = next(model.parameters()).device
+            self.ddp = DistributedDataParallel(
+                _TrainingLoss(model),
+                device_ids=[device.index] if device.type == "cuda" else None,
+                **_no_buffer_sync(),
+                find_unused_parameters=not static_graph,
+                static_graph=static_graph,
+            )
+
+    def loss(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``model.loss(batch, step)``; under ``overlap`` its backward all-reduces only on the step's last call."""
+        self.calls += 1
+        if self.ddp is None:
+            return self.model.loss(batch, step)
+        if self.calls >= self.accum_steps:
+            return self.ddp(batch, step)
+        with self.ddp.no_sync():  # DDP decides in its forward whether the backward communicates
+            return self.ddp(batch, step)
+
+    def finish(self) -> None:
+        """After the step's last backward: gradients are the mean over ranks from here on."""
+        if self.ddp is None:
+            average_gradients(self.model)
+        self.calls = 0

@@ -35,7 +35,7 @@ SAFE = (
     "data.root",  # the built-in data moved
     "data.skip_bad",
     "data.num_workers",
-    "data.cache",
+    "data.cache_mb",
     "eval.",
 )
 

@@ -38,7 +38,7 @@ from codebridge.train.health import CollapseWatch, unhealthy
 from codebridge.train.metrics_log import RunLog
 from codebridge.train.optim import WarmupCosine, build_optimizer, lr_at
 from codebridge.train.parallel import (
-    average_gradients,
+    GradientSync,
     barrier,
     broadcast_state,
     init_distributed,
@@ -111,9 +111,8 @@ class Trainer:
     """Builds everything a run needs once, then ``run()`` loops over steps; one instance per run."""
 
     def __init__(self, cfg: Config, device: torch.device, resume: str | None) -> None:
-        from codebridge.data.dataset import training_loader
         from codebridge.data.preprocess import Preprocessors
-        from codebridge.data.sources import Problems, open_source, read_source
+        from codebridge.data.sources import Problems, open_source, source_for
         from codebridge.models.model import CodeBridgeModel
 
         self.started = time.monotonic()
@@ -129,19 +128,22 @@ class Trainer:
 
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights
         self.read_problems = Problems(skip=cfg.data.skip_bad)  # logged once out.log is open
-        samples = read_source(cfg.data.train, cfg.data, self.read_problems)
+        source = source_for(cfg.data.train, cfg.data, self.read_problems)
+        shards = source.shards()  # shards stream; other sources are read into memory
+        samples = list(source) if shards is None else None
         if cfg.data.val:
             open_source(cfg.data.val, cfg.data)  # a bad validation spec fails now, not after training
         self.tokenizer = self._tokenizer(samples)
         prep = Preprocessors(cfg.prep, self.tokenizer)
         self.model = CodeBridgeModel(cfg, cfg.data.modalities, prep).to(device)
         broadcast_state(self.model)
+        self.grad_sync = GradientSync(self.model, cfg.train.grad_sync, cfg.train.accum_steps)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = WarmupCosine(self.optimizer, cfg.train)
         self.state = TrainState(world_size=world_size())
         if self.checkpoint is not None:
             self.state = load_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler)
-        self.loader = training_loader(cfg, samples, prep, rank(), world_size(), self.state.batches)
+        self.loader = self._loader(samples, shards, prep)
         self.log = RunLog(self.run_dir, enabled=rank() == 0, start_step=self.state.step)
         self.watch = CollapseWatch(cfg.train.batch_size * world_size())
         self.read_problems.log(cfg.data.train)
@@ -165,19 +167,33 @@ class Trainer:
             save_config(self.cfg, self.run_dir / CONFIG_FILE)
         barrier()
 
-    def _tokenizer(self, samples: list) -> Any:
-        """The run's BPE tokenizer: from the checkpoint on resume, else trained by rank 0 and loaded by the rest."""
+    def _loader(self, samples: list | None, shards: list[str] | None, prep: Any) -> Any:
+        """The map-style loader over ``samples``, or the stream over ``shards``, at the checkpoint's position."""
+        from codebridge.data.dataset import training_loader
+        from codebridge.data.stream import training_stream
+
+        if shards is None:
+            return training_loader(self.cfg, samples, prep, rank(), world_size(), self.state.batches)
+        return training_stream(self.cfg, shards, prep, rank(), world_size(), self.state.batches, self.state.stream)
+
+    def _tokenizer(self, samples: list | None) -> Any:
+        """The run's BPE tokenizer: from the checkpoint on resume, else trained by rank 0 and loaded by the rest.
+        Streamed data (``samples`` None) is read once for its captions, one sample at a time; its bad rows are
+        met (and counted) again by the stream."""
         if "text" not in self.cfg.data.modalities:
             return None
         from codebridge.data.dataset import all_texts
         from codebridge.data.modalities.text import Tokenizer
+        from codebridge.data.sources import Problems, source_for
 
         if self.checkpoint is not None:
             return Tokenizer.load(self.checkpoint / TOKENIZER_DIR)
         folder = self.run_dir / TOKENIZER_DIR
         if rank() == 0:
+            data = self.cfg.data
+            texts = all_texts(source_for(data.train, data, Problems(skip=True)) if samples is None else samples)
             with atomic_dir(folder) as tmp:
-                Tokenizer.train(all_texts(samples), self.cfg.prep.text).save(tmp)
+                Tokenizer.train(texts, self.cfg.prep.text).save(tmp)
         barrier()
         return Tokenizer.load(folder)
 
@@ -243,14 +259,15 @@ class Trainer:
         for _ in range(cfg.accum_steps):
             batch = to_device(next(batches), self.device)
             self.state.batches = self.loader.position  # counts all-bad batches the loader left out
+            self.state.stream = self.loader.state()
             samples += len(batch["index"])
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                loss, micro_parts = self.model.loss(batch, self.state.step)
+                loss, micro_parts = self.grad_sync.loss(batch, self.state.step)
             (loss / cfg.accum_steps).backward()
             losses.append(loss.detach().float())
             for name, value in micro_parts.items():
                 parts[name] += value.detach().float() / cfg.accum_steps
-        average_gradients(self.model)
+        self.grad_sync.finish()
         step_loss = all_reduce_mean(torch.stack(losses).mean()).item()
         if not math.isfinite(step_loss):
             raise TrainingDiverged(self.state.step + 1, f"loss is {step_loss}", dict(parts), self.last_saved)

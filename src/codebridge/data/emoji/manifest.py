@@ -43,11 +43,13 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
         return None
 
 
-def check_build(root: Path, expected: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+def check_build(
+    root: Path, expected: dict[str, Any], rehash: tuple[str, ...] | None = TABLES
+) -> tuple[dict[str, Any] | None, str]:
     """``(manifest, "")`` when the build at ``root`` can be reused for ``expected`` settings, else ``(None, why)``.
 
-    Cheap on purpose (a second run must be instant): every listed file must exist and the tables must match their
-    checksums; media files are not re-hashed.
+    Cheap on purpose (a second run must be instant): every listed file must exist and the ``rehash`` files (every
+    listed file when None) must match their checksums; the emoji build's media files are not re-hashed.
     """
     manifest = read_manifest(root)
     if manifest is None:
@@ -59,7 +61,7 @@ def check_build(root: Path, expected: dict[str, Any]) -> tuple[dict[str, Any] | 
     missing = [rel for rel in sums if not (root / rel).is_file()]
     if missing:
         return None, f"{len(missing)} file(s) missing, e.g. {missing[0]}"
-    for table in TABLES:
+    for table in sums if rehash is None else rehash:
         if table not in sums or sha256(root / table) != sums[table]:
             return None, f"{table} differs from its checksum in {MANIFEST}"
     return manifest, ""

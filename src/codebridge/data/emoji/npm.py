@@ -39,27 +39,33 @@ def require_tools(names: list[str]) -> None:
         )
 
 
-def package_dir(name: str, cache: Path) -> Path:
-    version, _ = PACKAGES[name]
-    return cache / f"{name}-{version}"
+Pin = tuple[str, tuple[str, ...]]  # (version, members to unpack)
 
 
-def missing_packages(cache: Path) -> list[str]:
-    """Packages not yet unpacked in ``cache`` (these need ``npm``)."""
-    return [name for name in PACKAGES if not (package_dir(name, cache) / _DONE).is_file()]
+def package_dir(name: str, cache: Path, pin: Pin | None = None) -> Path:
+    """``cache/NAME-VERSION`` (a scope's ``/`` becomes ``+``: ``@iconify-json+mdi-1.2.3``)."""
+    version, _ = pin or PACKAGES[name]
+    return cache / f"{name.replace('/', '+')}-{version}"
 
 
-def fetch_package(name: str, cache: Path) -> Path:
+def missing_packages(cache: Path, pins: dict[str, Pin] | None = None) -> list[str]:
+    """Packages (of ``pins``, default ``PACKAGES``) not yet unpacked in ``cache`` (these need ``npm``)."""
+    pins = PACKAGES if pins is None else pins
+    return [name for name, pin in pins.items() if not (package_dir(name, cache, pin) / _DONE).is_file()]
+
+
+def fetch_package(name: str, cache: Path, pin: Pin | None = None) -> Path:
     """Unpacked folder of a pinned package (its ``package/`` directory), fetching it on first use.
 
+    ``pin`` is (version, members) for a package outside ``PACKAGES`` (the corpus builder's sets).
     Safe when two builds fetch at once: each works in its own temporary folder and the first rename wins.
     """
-    version, patterns = PACKAGES[name]
-    final = package_dir(name, cache)
+    version, patterns = pin or PACKAGES[name]
+    final = package_dir(name, cache, pin)
     if (final / _DONE).is_file():
         return final / "package"
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=f".{name}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=cache, prefix=f".{final.name}-") as tmp:
         spec = f"{name}@{version}"
         proc = subprocess.run(
             ["npm", "pack", spec, "--pack-destination", tmp, "--silent"], capture_output=True, text=True

@@ -19,6 +19,7 @@ from codebridge.config import ConfigError, DataConfig
 from codebridge.data.sample import Sample
 from codebridge.data.sources.spec import (
     SOURCES,
+    ListSource,
     Problems,
     RowError,
     clean_texts,
@@ -91,12 +92,19 @@ def sniff_separator(path: Path) -> str:
 
 
 @SOURCES.register("csv")
-def read_csv(spec: str, data: DataConfig, problems: Problems) -> list[Sample]:
-    path = existing_file(spec)
-    try:
-        return _read_rows(spec, path, data, problems)
-    except UnicodeDecodeError:
-        raise encoding_error(path) from None
+class CsvSource(ListSource):
+    accepts = "a .csv/.tsv file"
+
+    @classmethod
+    def handles(cls, spec: str) -> bool:
+        return spec.lower().endswith((".csv", ".tsv"))
+
+    def read(self) -> list[Sample]:
+        path = existing_file(self.spec)
+        try:
+            return _read_rows(self.spec, path, self.data, self.problems)
+        except UnicodeDecodeError:
+            raise encoding_error(path) from None
 
 
 def _read_rows(spec: str, path: Path, data: DataConfig, problems: Problems) -> list[Sample]:

@@ -12,11 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from codebridge.config import DataConfig
 from codebridge.data.sample import Sample
 from codebridge.data.sources.spec import (
     SOURCES,
-    Problems,
+    ListSource,
     RowError,
     clean_texts,
     encoding_error,
@@ -64,20 +63,27 @@ def parse_object(line: str, folder: Path, default_key: str) -> dict[str, Any]:
 
 
 @SOURCES.register("jsonl")
-def read_jsonl(spec: str, data: DataConfig, problems: Problems) -> list[Sample]:
-    path = existing_file(spec)
-    folder = path.resolve().parent
-    samples = []
-    try:
-        with path.open(encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                source = f"{spec}:{lineno}"
-                try:
-                    samples.append(Sample(source=source, **parse_object(line, folder, f"{path.stem}-{lineno}")))
-                except RowError as error:
-                    problems.add(source, error)
-    except UnicodeDecodeError:
-        raise encoding_error(path) from None
-    return samples
+class JsonlSource(ListSource):
+    accepts = "a .jsonl file"
+
+    @classmethod
+    def handles(cls, spec: str) -> bool:
+        return spec.lower().endswith(".jsonl")
+
+    def read(self) -> list[Sample]:
+        path = existing_file(self.spec)
+        folder = path.resolve().parent
+        samples = []
+        try:
+            with path.open(encoding="utf-8-sig") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    source = f"{self.spec}:{lineno}"
+                    try:
+                        samples.append(Sample(source=source, **parse_object(line, folder, f"{path.stem}-{lineno}")))
+                    except RowError as error:
+                        self.problems.add(source, error)
+        except UnicodeDecodeError:
+            raise encoding_error(path) from None
+        return samples

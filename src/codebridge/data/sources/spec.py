@@ -1,6 +1,7 @@
-"""What a data spec names, and the one way every reader reports an unusable row.
+"""The ``Source`` protocol every reader implements, and the one way readers report an unusable row.
 
-A reader turns a spec into ``Sample``s. A bad row raises ``RowError``; ``Problems`` turns it into a
+A source turns a spec into ``Sample``s; each registered source says which specs it ``handles``, so there is no
+central table of extensions. A bad row raises ``RowError``; ``Problems`` turns it into a
 ``BadSampleError`` naming file and line/key (the default) or, with ``data.skip_bad``, records it so the caller
 can count and log it. ``codebridge data check`` reuses the same records to list every problem at once.
 """
@@ -9,21 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from codebridge.config import ConfigError, DataConfig
 from codebridge.data.sample import BadSampleError, Sample
 from codebridge.registry import Registry
 
 log = logging.getLogger(__name__)
-
-ACCEPTED = (
-    "a built-in suite NAME[:train|:test] ({suites}), a .csv/.tsv file, a .jsonl file, a .tar shard, "
-    "a folder of .tar shards, or a brace pattern such as dir/shard-{{00000..00009}}.tar"
-)
 
 
 def media_modalities() -> list[str]:
@@ -76,24 +72,78 @@ class Problems:
         log.warning("%s: skipped %d bad sample(s) (%s); first: %s", spec, len(self.found), kinds, examples)
 
 
-Reader = Callable[[str, DataConfig, Problems], list[Sample]]
-SOURCES: Registry[Reader] = Registry("data source")
+class Source:
+    """Samples of one spec. Register a subclass with ``@SOURCES.register(name)``; the first registered source whose
+    ``handles(spec)`` is true reads the spec.
+
+    Constructing a source reads nothing; ``__iter__`` yields the samples lazily (bad rows go to ``problems``).
+    ``length()`` is the number of samples when known without reading them all, ``shards()`` the files a streaming
+    source splits across ranks and DataLoader workers (None: read it as one list). The last three methods let a
+    source answer what only it knows (class names of its labels, its other splits, label hierarchies), so generic
+    code (evaluation) never has to know which source it reads.
+    """
+
+    accepts: ClassVar[str]  # what specs it reads, for the error listing every source: "a .jsonl file"
+
+    def __init__(self, spec: str, data: DataConfig, problems: Problems) -> None:
+        self.spec, self.data, self.problems = spec, data, problems
+
+    @classmethod
+    def handles(cls, spec: str) -> bool:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def length(self) -> int | None:
+        return None
+
+    def shards(self) -> list[str] | None:
+        return None
+
+    def class_names(self, label: str) -> dict[int, str] | None:
+        """Readable names of the values of ``label`` (None: the samples' meta names them, see zeroshot.py)."""
+        return None
+
+    def split(self, name: str) -> str | None:
+        """The spec of split ``name`` ("train") of the same data, or None when the source has no such notion."""
+        return None
+
+    def concept_groups(self) -> dict[int, int] | None:
+        """concept -> group for data whose samples do not all carry both labels (None: the samples tell)."""
+        return None
 
 
-def source_kind(spec: str) -> str:
-    """The reader a spec needs: "csv", "jsonl", "webdataset" or "builtin"; a ``ConfigError`` listing the choices."""
-    lower = spec.lower()
-    if lower.endswith((".csv", ".tsv")):
-        return "csv"
-    if lower.endswith(".jsonl"):
-        return "jsonl"
-    if lower.endswith(".tar") or Path(spec).is_dir():
-        return "webdataset"
-    from codebridge.data.emoji.suites import SUITES
+class ListSource(Source):
+    """A source read whole into memory on first use (CSV, JSONL: small files; indexable for evaluation)."""
 
-    if spec.partition(":")[0] in SUITES:
-        return "builtin"
-    raise ConfigError(f"unknown data spec {spec!r}; expected {ACCEPTED.format(suites=', '.join(SUITES))}")
+    def read(self) -> list[Sample]:
+        raise NotImplementedError
+
+    @property
+    def samples(self) -> list[Sample]:
+        if not hasattr(self, "_samples"):
+            self._samples = self.read()
+        return self._samples
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+    def length(self) -> int | None:
+        return len(self.samples)
+
+
+SOURCES: Registry[type[Source]] = Registry("data source")
+
+
+def source_class(spec: str) -> type[Source]:
+    """The registered source that handles ``spec`` (sources handle disjoint specs, so the order asked does not
+    matter); a ``ConfigError`` listing what every source accepts."""
+    for name in SOURCES.names():
+        if SOURCES.get(name).handles(spec):
+            return SOURCES.get(name)
+    accepted = ", ".join(SOURCES.get(name).accepts for name in SOURCES.names())
+    raise ConfigError(f"unknown data spec {spec!r}; expected {accepted}")
 
 
 def existing_file(spec: str) -> Path:

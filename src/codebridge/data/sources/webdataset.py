@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import json
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from codebridge.config import DataConfig
 from codebridge.data.sample import BadSampleError, Sample
 from codebridge.data.sources.spec import (
     SOURCES,
-    Problems,
     RowError,
+    Source,
     clean_texts,
     media_modalities,
     not_utf8,
@@ -64,27 +64,59 @@ def shard_paths(spec: str) -> list[Path]:
     return shards
 
 
-def read_members(path: Path) -> tuple[list[tuple[str, Members]], str | None]:
-    """Member groups of one shard in order, and why reading stopped early (None when the shard is whole).
+def member_groups(path: Path) -> Iterator[tuple[str, Members]]:
+    """Member groups of one shard in order, read one group at a time (tarfile streaming: memory holds one sample).
 
-    A truncated shard may end inside a sample, so the group being read when the damage shows is dropped.
+    A group is yielded once the next key starts, or, for the last one, once the end-of-archive marker is found:
+    a truncated shard may end inside a sample, so the group being read when the damage shows is dropped and the
+    ``tarfile.ReadError`` saying why reading stopped propagates.
     """
-    groups: list[tuple[str, Members]] = []
+    group: tuple[str, Members] | None = None
+    with tarfile.open(path, "r|") as tar:
+        for member in tar:
+            key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+            if key is None:
+                continue
+            if group is not None and group[0] != key:
+                yield group
+                group = None
+            if group is None:
+                group = (key, {})
+            group[1][ext.lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        end = tar.offset
+    if path.stat().st_size - end < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError("the file ends without the end-of-archive marker")
+    if group is not None:
+        yield group
+
+
+def read_shard(path: Path) -> Iterator[tuple[str, Sample | RowError]]:
+    """(source, sample or why it is unusable) for each sample of one shard, lazily; a damaged shard ends with a
+    "corrupt shard" error whose source is the shard."""
+    seen: set[str] = set()
+    last: str | None = None
     try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
-                if key is None:
-                    continue
-                if not groups or groups[-1][0] != key:
-                    groups.append((key, {}))
-                groups[-1][1][ext.lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
-            end = tar.offset
-        if path.stat().st_size - end < tarfile.BLOCKSIZE:
-            raise tarfile.ReadError("the file ends without the end-of-archive marker")
+        for key, members in member_groups(path):
+            source, last = f"{path}:{key}", key
+            found: Sample | RowError
+            try:
+                if key in seen:
+                    raise RowError("malformed row", "the key appears twice; the members of a sample must be adjacent")
+                seen.add(key)
+                found = to_sample(source, key, members)
+            except RowError as error:
+                found = error
+            yield source, found
     except tarfile.ReadError as exc:
-        return groups[:-1], str(exc)
-    return groups, None
+        where = f"after key {last!r}" if last is not None else "before the first complete sample"
+        yield (
+            str(path),
+            RowError(
+                "corrupt shard",
+                f"truncated or corrupt tar ({exc}) {where}; re-download or re-create it "
+                "(codebridge data shard SOURCE OUT)",
+            ),
+        )
 
 
 def utf8_member(raw: bytes, ext: str) -> str:
@@ -152,31 +184,25 @@ def to_sample(source: str, key: str, members: Members) -> Sample:
 
 
 @SOURCES.register("webdataset")
-def read_shards(spec: str, data: DataConfig, problems: Problems) -> list[Sample]:
-    samples = []
-    for path in shard_paths(spec):
-        groups, damage = read_members(path)
-        seen: set[str] = set()
-        for key, members in groups:
-            source = f"{path}:{key}"
-            try:
-                if key in seen:
-                    raise RowError("malformed row", "the key appears twice; the members of a sample must be adjacent")
-                seen.add(key)
-                samples.append(to_sample(source, key, members))
-            except RowError as error:
-                problems.add(source, error)
-        if damage is not None:
-            last = f"after key {groups[-1][0]!r}" if groups else "before the first complete sample"
-            problems.add(
-                str(path),
-                RowError(
-                    "corrupt shard",
-                    f"truncated or corrupt tar ({damage}) {last}; re-download or re-create it "
-                    "(codebridge data shard SOURCE OUT)",
-                ),
-            )
-    return samples
+class ShardSource(Source):
+    """WebDataset shards, read lazily one sample at a time; training streams them (``data/stream.py``)."""
+
+    accepts = "a .tar shard, a folder of .tar shards, or a brace pattern such as dir/shard-{00000..00009}.tar"
+
+    @classmethod
+    def handles(cls, spec: str) -> bool:
+        return spec.lower().endswith(".tar") or Path(spec).expanduser().is_dir()
+
+    def shards(self) -> list[str]:
+        return [str(path) for path in shard_paths(self.spec)]
+
+    def __iter__(self) -> Iterator[Sample]:
+        for shard in self.shards():
+            for source, found in read_shard(Path(shard)):
+                if isinstance(found, RowError):
+                    self.problems.add(source, found)
+                else:
+                    yield found
 
 
 def media_member(sample: Sample, modality: str) -> tuple[str, bytes]:
