@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from codebridge.config import BridgeConfig, FdtConfig
-from codebridge.models.bridges.fdt import FdtBridge
+from codebridge.config import BridgeConfig
+from codebridge.models.bridges.fdt import FdtBridge, FdtConfig
 from codebridge.models.features import Features
 from perf_measure import interleaved_times, median, peak_bytes
 
@@ -45,7 +45,7 @@ def build_layer(shape: LayerShape, temperature: float, lean: bool) -> FdtBridge:
         chunk_size=shape.chunk if lean else 0,
         topk_sparsemax=lean,
     )
-    bridge = FdtBridge(BridgeConfig(name="fdt", fdt=fdt), {MODALITY: shape.dim})
+    bridge = FdtBridge(BridgeConfig(name="fdt", sections={"fdt": fdt}), {MODALITY: shape.dim})
     bridge.query[MODALITY] = nn.Identity()
     return bridge
 

@@ -12,8 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from codebridge.config import AudioPrep
-from codebridge.data.preprocess.audio import AudioProcessor, log_mel, resample
+from codebridge.data.modalities.audio import AudioPrep, AudioProcessor, log_mel, resample
 
 PREP = AudioPrep(sample_rate=16000, n_mels=40, n_fft=400, hop_length=160, max_seconds=1.0)
 

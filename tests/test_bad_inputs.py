@@ -25,11 +25,11 @@ from PIL import Image
 from codebridge.cli import main
 from codebridge.config import Config
 from codebridge.data.preprocess import Preprocessors
-from codebridge.data.sources.spec import MEDIA
-from codebridge.data.sources.webdataset import MODALITY_OF
+from codebridge.data.sources.webdataset import member_extensions
 from test_preprocess_image import bomb_png
 from test_sources import write_tar
 
+MEDIA = ("image", "audio", "video")  # the built-in media modalities, one table column each
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "gif": "GIF", "bmp": "BMP", "webp": "WEBP", "tiff": "TIFF"}
 AUDIO_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
 VIDEO_FORMATS = {"mp4": "mp4", "avi": "avi", "mkv": "matroska"}
@@ -126,7 +126,7 @@ CASES = corpus()
 
 
 def decodes_like(case: Case, prep: Preprocessors) -> bool:
-    load = getattr(prep, case.modality).load
+    load = prep[case.modality].load
     got, want = load(case.data), load(case.original)
     return np.array_equal(np.asarray(got), np.asarray(want))
 
@@ -181,7 +181,9 @@ def test_shards_report_every_bad_member_and_damaged_shards(tmp_path: Path, capsy
     shards = tmp_path / "shards"
     shards.mkdir()
     members = [("good.png", image_bytes("png")), ("good.txt", b"fine")]
-    stored = {i: case for i, case in enumerate(CASES) if case.name.rsplit(".", 1)[1] in MODALITY_OF}  # not .gif...
+    stored = {
+        i: case for i, case in enumerate(CASES) if case.name.rsplit(".", 1)[1] in member_extensions()
+    }  # not .gif...
     for i, case in stored.items():
         members += [(f"{i:03d}.{case.name.rsplit('.', 1)[1]}", case.data), (f"{i:03d}.txt", case.name.encode())]
     members += [("latin.png", image_bytes("png")), ("latin.txt", "caf\xe9".encode("latin-1"))]

@@ -130,7 +130,7 @@ def test_code_scores_equal_the_old_formulas(bridge: str) -> None:
 @pytest.mark.parametrize("bridge", ["clip", "codebook", "fdt"])
 def test_pointing_game_numbers_are_unchanged(emoji_root: Path, bridge: str, monkeypatch) -> None:
     scenes = load_suite("emoji-scenes", "train", root=emoji_root)[:6]
-    model = tiny_model(bridge, [s.texts[0] for s in scenes])
+    model = tiny_model(bridge, [s.media.get("text", [])[0] for s in scenes])
     metrics = evaluate_localization(model, scenes, batch_size=4)
     monkeypatch.setattr(localization, "position_similarity", old_position_similarity)
     monkeypatch.setattr(pointing, "position_similarity", old_position_similarity)
@@ -140,7 +140,7 @@ def test_pointing_game_numbers_are_unchanged(emoji_root: Path, bridge: str, monk
 @pytest.mark.parametrize("bridge", ["codebook", "fdt"])
 def test_codes_analysis_is_unchanged(emoji_root: Path, tmp_path: Path, bridge: str, monkeypatch) -> None:
     scenes = load_suite("emoji-scenes", "train", root=emoji_root)[:6]
-    model = tiny_model(bridge, [s.texts[0] for s in scenes])
+    model = tiny_model(bridge, [s.media.get("text", [])[0] for s in scenes])
     groups = source_for("emoji-scenes:test", DataConfig(root=str(emoji_root))).concept_groups()
     metrics = evaluate_codes(model, scenes, tmp_path / "new", groups=groups, batch_size=4, top=3)
     monkeypatch.setattr(codes_module, "code_affinity", old_code_affinity)
@@ -155,7 +155,7 @@ def test_codes_analysis_is_unchanged(emoji_root: Path, tmp_path: Path, bridge: s
 @pytest.mark.parametrize("bridge", ["codebook", "fdt"])
 def test_report_usage_counts_are_unchanged(emoji_root: Path, bridge: str) -> None:
     scenes = load_suite("emoji-scenes", "train", root=emoji_root)[:7]
-    model = tiny_model(bridge, [s.texts[0] for s in scenes])
+    model = tiny_model(bridge, [s.media.get("text", [])[0] for s in scenes])
     usage = model_code_usage(model, scenes, batch_size=3)
     unit, counts = old_usage_counts(model, scenes, batch_size=3)
     assert usage.unit == unit and usage.size == 16 and set(usage.counts) == set(counts)

@@ -67,7 +67,9 @@ def test_required_modalities(media: Path) -> None:
     assert check_dataset(spec, Config(), ["image", "text"]).ok
     report = check_dataset(spec, Config(), ["image", "audio"])
     assert [(p.source, p.kind) for p in report.problems] == [(f"{spec}:3", "missing audio")]
-    with pytest.raises(ConfigError, match="unknown speech"):
+    with pytest.raises(
+        ConfigError, match=r"--modalities: .speech. is not a registered modality; expected one of image, text"
+    ):
         check_dataset(spec, Config(), ["speech"])
 
 

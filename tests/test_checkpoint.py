@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from codebridge.config import ConfigError, TextPrep, TrainConfig
+from codebridge.config import ConfigError, TrainConfig
+from codebridge.data.modalities.text import TextPrep
 from codebridge.data.preprocess import Tokenizer
 from codebridge.train.checkpoint import (
     CHECKPOINTS,

@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from codebridge.config import BridgeConfig, CodebookConfig, ConfigError
+from codebridge.config import BridgeConfig, ConfigError, load_config
 from codebridge.models.bridges.base import BRIDGES
-from codebridge.models.bridges.codebook import CodebookBridge, dominant_codes
+from codebridge.models.bridges.codebook import CodebookBridge, CodebookConfig, dominant_codes
 from codebridge.models.features import Features
 from helpers import free_port
 
@@ -34,7 +34,7 @@ def features(modalities, batch: int = 4, seed: int = 0, aligned: bool = False) -
 def make_bridge(modalities, embed_dim: int = EMBED, **codebook) -> CodebookBridge:
     torch.manual_seed(0)
     options = {"size": K, "dim": CODE_DIM, "dead_code_threshold": 0, **codebook}
-    cfg = BridgeConfig(name="codebook", embed_dim=embed_dim, codebook=CodebookConfig(**options))
+    cfg = BridgeConfig(name="codebook", embed_dim=embed_dim, sections={"codebook": CodebookConfig(**options)})
     model = CodebookBridge(cfg, {m: WIDTHS[m] for m in modalities}).double()
     with torch.no_grad():  # codes at the scale of the projected tokens, so that several are used
         model.codebook.embed.normal_(std=0.5)
@@ -213,10 +213,9 @@ def test_dominant_codes_and_agreement():
 
 
 def test_bad_config_names_the_field():
-    with pytest.raises(ConfigError, match=r"model\.bridge\.codebook\.fusion_lambda"):
-        make_bridge(["image", "text"], fusion_lambda=-1.0)
-    with pytest.raises(ConfigError, match=r"model\.bridge\.codebook\.size"):
-        make_bridge(["image", "text"], size=0)
+    for field, value in (("fusion_lambda", -1.0), ("size", 0), ("decay", 1.0), ("dim", 0)):
+        with pytest.raises(ConfigError, match=rf"^model\.bridge\.codebook\.{field}: {value} is out of range"):
+            load_config(overrides=["model.bridge.name=codebook", f"model.bridge.codebook.{field}={value}"])
     with pytest.raises(KeyError, match="built for"):
         make_bridge(["image", "text"])(features(["audio"]))
 
@@ -298,7 +297,9 @@ def test_training_matches_codes_across_modalities(one_thread):
     concepts, dims = 6, {"image": 10, "text": 8}
     prototypes = {m: 3 * torch.randn(concepts, d) for m, d in dims.items()}
     options = {"size": 8, "dim": 8, "dead_code_threshold": 5, "decay": 0.9, "discrete_ste": False}
-    model = CodebookBridge(BridgeConfig(name="codebook", embed_dim=8, codebook=CodebookConfig(**options)), dims)
+    model = CodebookBridge(
+        BridgeConfig(name="codebook", embed_dim=8, sections={"codebook": CodebookConfig(**options)}), dims
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
 

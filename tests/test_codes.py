@@ -89,7 +89,7 @@ def test_top_patches_keep_the_best_image_per_code_across_batches() -> None:
     top.add(second, 1)
     assert top.where[0].tolist() == [[1, 0], [0, 1]] and top.scores[0].tolist() == pytest.approx([0.7, 0.5])
     assert top.where[1].tolist() == [[0, 0], [1, 3]]  # one patch per image, even when image 0 has two good ones
-    samples = [Sample(key=f"k{i}", source="t", image=f"{i}.png") for i in range(3)]
+    samples = [Sample(key=f"k{i}", source="t", media={"image": f"{i}.png"}) for i in range(3)]
     entries = top.entries(1, samples)
     assert entries[1] == {"index": 1, "sample": "k1", "image": "1.png", "row": 1, "col": 1, "score": pytest.approx(0.3)}
 
@@ -115,12 +115,12 @@ def test_grid_rows_put_codes_shared_by_modalities_first() -> None:
 @pytest.mark.parametrize("bridge", ["codebook", "fdt"])
 def test_evaluate_codes_on_built_scenes_writes_the_table_and_grid(emoji_root: Path, tmp_path: Path, bridge) -> None:
     scenes = load_suite("emoji-scenes", "train", root=emoji_root)[:10]
-    model = tiny_model(bridge, [s.texts[0] for s in scenes])
+    model = tiny_model(bridge, [s.media.get("text", [])[0] for s in scenes])
     groups = source_for("emoji-scenes:test", DataConfig(root=str(emoji_root))).concept_groups()
     assert groups[scenes[0].meta["objects"][0]["concept"]] >= 0
     metrics = evaluate_codes(model, scenes, tmp_path, groups=groups, batch_size=4, top=3, rows=4)
     assert metrics["codes_positions"] == 10 * 16 + sum(
-        len(model.tokenizer.encode(s.texts)[1][0].nonzero()) for s in scenes
+        len(model.tokenizer.encode(s.media.get("text", []))[1][0].nonzero()) for s in scenes
     )
     assert 0 < metrics["codes_labelled_positions"] < metrics["codes_positions"]  # background and "left of" unlabelled
     for key in ("codes_nmi_concept", "codes_purity_concept", "codes_nmi_group", "codes_purity_group"):
@@ -139,4 +139,4 @@ def test_evaluate_codes_on_built_scenes_writes_the_table_and_grid(emoji_root: Pa
 def test_clip_has_no_codes_to_analyse() -> None:
     model = tiny_model("clip", ["a dog"])
     with pytest.raises(ConfigError, match="no codes or tokens"):
-        evaluate_codes(model, [Sample(key="0", source="t", image="x.png", texts=["a dog"])])
+        evaluate_codes(model, [Sample(key="0", source="t", media={"image": "x.png", "text": ["a dog"]})])

@@ -189,7 +189,7 @@ def test_counts_licenses_and_readable_shards(home: Path, tmp_path: Path) -> None
         for split, count in splits.items():
             samples = read(tmp_path / "c", suite, split)
             assert len(samples) == count > 0
-            assert all(Image.open(io.BytesIO(s.image)).size == (64, 64) for s in samples)
+            assert all(Image.open(io.BytesIO(s.media["image"])).size == (64, 64) for s in samples)
             assert all(s.meta["license"] == licenses[s.meta["style"]] for s in samples)
 
 
@@ -256,21 +256,21 @@ def test_captions_are_varied_and_multilingual(home: Path, tmp_path: Path) -> Non
     build(tmp_path / "c")
     samples = read(tmp_path / "c", "corpus-style", "test")
     grinning = next(s for s in samples if s.meta["hexcode"] == "1F600")
-    assert grinning.texts[0] == "grinning face"
+    assert grinning.media["text"][0] == "grinning face"
     assert {"an emoji of grinning face", "face, grin", "grinning face: smile, happy", "grinning face (ja)"} <= set(
-        grinning.texts
+        grinning.media["text"]
     )
     icons = read(tmp_path / "c", "corpus-icons", "train") + read(tmp_path / "c", "corpus-icons", "test")
     swords = next(s for s in icons if s.meta["name"] == "crossed-swords")
-    assert swords.texts == [
+    assert swords.media["text"] == [
         "crossed swords",
         "a game icon of crossed swords",
         "a picture of crossed swords",
         "crossed swords (weapons)",
     ]
     germany = next(s for s in icons if s.meta.get("country") == "DE")
-    assert germany.texts[0] == "flag of Germany" and "DE-ja" in germany.texts
-    assert all(len(s.texts) == len(set(s.texts)) >= 3 for s in samples + icons)
+    assert germany.media["text"][0] == "flag of Germany" and "DE-ja" in germany.media["text"]
+    assert all(len(s.media["text"]) == len(set(s.media["text"])) >= 3 for s in samples + icons)
 
 
 def test_iconify_names_and_aliases_map_to_concepts(home: Path, tmp_path: Path) -> None:
@@ -278,8 +278,8 @@ def test_iconify_names_and_aliases_map_to_concepts(home: Path, tmp_path: Path) -
     train = read(tmp_path / "c", "corpus-style", "train")
     by = {(s.meta["style"], s.meta["hexcode"]): s for s in train}
     assert {h for style, h in by if style == "noto-v1"} == {"1F600", "1F98A", "1F34C", "1F355"}
-    cat = np.asarray(Image.open(io.BytesIO(by["fluent-emoji-flat", "1F431"].image)))
-    dog = np.asarray(Image.open(io.BytesIO(by["fluent-emoji-flat", "1F436"].image)))
+    cat = np.asarray(Image.open(io.BytesIO(by["fluent-emoji-flat", "1F431"].media["image"])))
+    dog = np.asarray(Image.open(io.BytesIO(by["fluent-emoji-flat", "1F436"].media["image"])))
     assert not np.array_equal(cat, dog) and np.array_equal(cat[:, ::-1], dog)
 
 

@@ -12,16 +12,22 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from codebridge.config import AudioPrep, ConfigError, ImagePrep, PrepConfig, TextPrep, VideoPrep, to_dict
+from codebridge.config import ConfigError, PrepConfig, to_dict
 from codebridge.data.dataset import SampleDataset, all_texts, build_loader, collate
+from codebridge.data.modalities.audio import AudioPrep
+from codebridge.data.modalities.image import ImagePrep
+from codebridge.data.modalities.text import TextPrep
+from codebridge.data.modalities.video import VideoPrep
 from codebridge.data.preprocess import Preprocessors, Tokenizer
 from codebridge.data.sample import BadSampleError, Sample
 
 PREP = PrepConfig(
-    image=ImagePrep(size=16),
-    text=TextPrep(context_length=12, vocab_size=300),
-    audio=AudioPrep(sample_rate=8000, n_mels=16, n_fft=200, hop_length=80, max_seconds=0.5),
-    video=VideoPrep(frames=3, size=16),
+    sections={
+        "image": ImagePrep(size=16),
+        "text": TextPrep(context_length=12, vocab_size=300),
+        "audio": AudioPrep(sample_rate=8000, n_mels=16, n_fft=200, hop_length=80, max_seconds=0.5),
+        "video": VideoPrep(frames=3, size=16),
+    }
 )
 COUNT = 12
 
@@ -50,9 +56,13 @@ def make_samples(root: Path) -> list[Sample]:
         labels = {"concept": i} if i % 2 else {"concept": i, "group": i // 4}
         texts = [f"caption {w} of {i}" for w in ("one", "two", "three")]
         samples.append(
-            Sample(key=str(i), source=f"data.csv:{i + 2}", image=str(image), texts=texts, audio=str(audio),
-                   video=str(root / "a.mp4"), labels=labels)
-        )  # fmt: skip
+            Sample(
+                key=str(i),
+                source=f"data.csv:{i + 2}",
+                labels=labels,
+                media={"image": str(image), "text": texts, "audio": str(audio), "video": str(root / "a.mp4")},
+            )
+        )
     return samples
 
 
@@ -74,10 +84,10 @@ def test_preprocessors_save_and_load(prep: Preprocessors, tmp_path: Path) -> Non
     prep.save(tmp_path)
     assert json.loads((tmp_path / "preprocessing.json").read_text()) == prep.to_dict() == to_dict(PREP)
     loaded = Preprocessors.load(tmp_path)
-    assert loaded.prep == PREP and loaded.video.image.prep.size == PREP.video.size
-    assert torch.equal(loaded.text.encode(["caption two of 7"])[0], prep.text.encode(["caption two of 7"])[0])
+    assert loaded.prep == PREP and loaded["video"].image.prep.size == PREP.video.size
+    assert torch.equal(loaded.tokenizer.encode(["caption two of 7"])[0], prep.tokenizer.encode(["caption two of 7"])[0])
     with pytest.raises(ConfigError, match="differs from the tokenizer"):
-        Preprocessors(PrepConfig(text=TextPrep(context_length=20)), prep.text)
+        Preprocessors(PrepConfig(sections={"text": TextPrep(context_length=20)}), prep.tokenizer)
     (tmp_path / "preprocessing.json").write_text(json.dumps({"image": {"size": "big"}}))
     with pytest.raises(ConfigError, match=r"preprocessing\.json: image\.size: expected an integer"):
         Preprocessors.load(tmp_path)
@@ -108,7 +118,7 @@ def test_items_and_collate_follow_the_batch_contract(samples: list[Sample], prep
 
 
 def caption(prep: Preprocessors, item: dict) -> str:
-    return prep.text.decode(item["text"]["ids"])
+    return prep.tokenizer.decode(item["text"]["ids"])
 
 
 def test_caption_is_random_per_seed_epoch_index_at_train_and_the_first_at_eval(
@@ -142,7 +152,7 @@ def corrupt_copy(samples: list[Sample], root: Path, index: int) -> list[Sample]:
     broken = root / "broken.png"
     broken.write_bytes(b"this is not a png")
     copy = list(samples)
-    copy[index] = Sample(key="bad", source=f"data.csv:{index + 2}", image=str(broken), texts=["a caption"])
+    copy[index] = Sample(key="bad", source=f"data.csv:{index + 2}", media={"image": str(broken), "text": ["a caption"]})
     return copy
 
 
@@ -153,7 +163,7 @@ def test_bad_samples_raise_naming_the_file_or_are_skipped_and_recorded(
     with pytest.raises(BadSampleError, match=r"data\.csv:5: image .*broken\.png: not an image format") as info:
         dataset(bad, prep)[3]
     assert info.value.source == "data.csv:5"
-    without_audio = [Sample(key="x", source="data.csv:5", image=samples[0].image, texts=["a"])]
+    without_audio = [Sample(key="x", source="data.csv:5", media={"image": samples[0].media["image"], "text": ["a"]})]
     with pytest.raises(BadSampleError, match=r"data\.csv:5: has no audio"):
         dataset(without_audio, prep, ("image", "audio"))[0]
     skipping = dataset(corrupt_copy(samples, tmp_path, 3), prep, skip_bad=True)
@@ -164,7 +174,7 @@ def test_bad_samples_raise_naming_the_file_or_are_skipped_and_recorded(
 def test_cache_keeps_decoded_inputs(samples: list[Sample], prep: Preprocessors, tmp_path: Path) -> None:
     image = tmp_path / "once.png"
     Image.new("RGB", (8, 8), (10, 200, 30)).save(image)
-    one = [Sample(key="0", source="x.csv:2", image=str(image), texts=["a"])]
+    one = [Sample(key="0", source="x.csv:2", media={"image": str(image), "text": ["a"]})]
     cached, uncached = dataset(one, prep, ("image",), cache_mb=1), dataset(one, prep, ("image",))
     first = cached[0]["image"]["pixels"]
     uncached[0]
@@ -180,7 +190,7 @@ def test_cache_keeps_the_most_recent_inputs_within_its_byte_budget(prep: Preproc
     files = [tmp_path / f"{i}.png" for i in range(3)]
     for i, file in enumerate(files):
         Image.new("RGB", (64, 64), (10 * i, 200, 30)).save(file)
-    many = [Sample(key=str(i), source=f"x.csv:{i + 2}", image=str(f)) for i, f in enumerate(files)]
+    many = [Sample(key=str(i), source=f"x.csv:{i + 2}", media={"image": str(f)}) for i, f in enumerate(files)]
     cached = dataset(many, prep, ("image",), cache_mb=30 / 1024)
     for i in (0, 1, 0, 2):  # 1 is now the least recently used
         cached[i]

@@ -34,10 +34,14 @@ def test_every_suite_loads_with_unique_keys_and_real_sources(emoji_root: Path, n
     for s in samples:
         table, line = s.source.removeprefix("emoji/").split(":")
         row = json.loads((emoji_root / table).read_text().splitlines()[int(line) - 1])
-        media = s.audio if table == "speech.jsonl" else s.video or s.image
+        media = s.media.get("audio") if table == "speech.jsonl" else s.media.get("video") or s.media.get("image")
         assert media == str((emoji_root / row["file"]).resolve())
-        assert all(Path(p).is_absolute() and Path(p).is_file() for p in (s.image, s.audio, s.video) if p)
-        assert len(s.texts) == 1 and s.texts[0]
+        assert all(
+            Path(p).is_absolute() and Path(p).is_file()
+            for p in (s.media.get("image"), s.media.get("audio"), s.media.get("video"))
+            if p
+        )
+        assert len(s.media.get("text", [])) == 1 and s.media.get("text", [])[0]
         assert all(isinstance(v, int) for v in s.labels.values())
 
 
@@ -63,7 +67,9 @@ def test_voice_split_holds_out_voices_and_pairs_with_the_split_style(emoji_root:
     train, test = load_suite(name, "train", root=emoji_root), load_suite(name, "test", root=emoji_root)
     train_voices, test_voices = {s.meta["voice"] for s in train}, {s.meta["voice"] for s in test}
     assert (len(train_voices), len(test_voices)) == (6, 2) and train_voices.isdisjoint(test_voices)
-    assert all("/images/google/" in s.image for s in train) and all("/images/twitter/" in s.image for s in test)
+    assert all("/images/google/" in s.media.get("image") for s in train) and all(
+        "/images/twitter/" in s.media.get("image") for s in test
+    )
     n = len(_all_concepts(emoji_root))
     assert (len(train), len(test)) == (6 * n, 2 * n)
     assert all(s.has("image") and s.has("text") and s.has("audio") for s in train + test)
@@ -79,7 +85,7 @@ def test_labels_index_the_class_names(emoji_root: Path) -> None:
             for label, value in s.labels.items():
                 assert 0 <= value < len(names[label])
             if "concept" in s.labels and name != "emoji-clips":
-                assert s.texts == [names["concept"][s.labels["concept"]]]
+                assert s.media.get("text", []) == [names["concept"][s.labels["concept"]]]
     with pytest.raises(ValueError, match="unknown emoji label 'colour'"):
         class_names("colour", root=emoji_root)
 
@@ -90,8 +96,8 @@ def test_scene_boxes_lie_in_the_canvas_and_spans_point_at_the_words(emoji_root: 
         assert s.labels == {} and s.meta["style"] == ("google" if split == "train" else "twitter")
         objects = s.meta["objects"]
         assert 2 <= len(objects) <= 4
-        caption = s.texts[0]
-        pixels = np.asarray(Image.open(s.image))
+        caption = s.media.get("text", [])[0]
+        pixels = np.asarray(Image.open(s.media.get("image")))
         outside = np.ones(pixels.shape[:2], bool)
         for i, obj in enumerate(objects):
             x0, y0, x1, y1 = obj["box"]
@@ -118,11 +124,11 @@ def _ink(frame: np.ndarray) -> np.ndarray:
 def test_clips_decode_to_their_frame_count_and_move_as_captioned(emoji_root: Path, split: str) -> None:
     samples = load_suite("emoji-clips", split, root=emoji_root)
     for s in samples:
-        with av.open(s.video) as container:
+        with av.open(s.media.get("video")) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         assert len(frames) == s.meta["frames"] == 12 and frames[0].shape == (64, 64, 3)
         motion = s.meta["motion"]
-        assert s.texts[0].endswith(f" {motion}") and s.labels["motion"] == MOTIONS.index(motion)
+        assert s.media.get("text", [])[0].endswith(f" {motion}") and s.labels["motion"] == MOTIONS.index(motion)
         first, last = _ink(frames[0]), _ink(frames[-1])
         ys0, xs0 = np.nonzero(first)
         ys1, xs1 = np.nonzero(last)

@@ -8,9 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from codebridge.config import BridgeConfig, ConfigError, FdtConfig
+from codebridge.config import BridgeConfig, ConfigError, load_config
 from codebridge.models.bridges.base import BRIDGES
-from codebridge.models.bridges.fdt import FdtBridge, fdt_temperature
+from codebridge.models.bridges.fdt import FdtBridge, FdtConfig, fdt_temperature
 from codebridge.models.features import Features
 from helpers import free_port
 
@@ -20,7 +20,7 @@ LENGTHS = {"image": 9, "text": 6, "audio": 7}
 
 def _cfg(margin: float = 0.0, **fdt) -> BridgeConfig:
     fdt = {"num_tokens": 16, "dim": 8, "temperature": 2.0, "temperature_decay": 0.5, "temperature_every": 10} | fdt
-    return BridgeConfig(name="fdt", margin=margin, fdt=FdtConfig(**fdt))
+    return BridgeConfig(name="fdt", margin=margin, sections={"fdt": FdtConfig(**fdt)})
 
 
 def _bridge(cfg: BridgeConfig, modalities=("image", "text")) -> FdtBridge:
@@ -217,10 +217,9 @@ def test_usage_counts_training_forwards_only():
 
 
 def test_bad_config_and_inputs_are_reported():
-    with pytest.raises(ConfigError, match=r"model\.bridge\.fdt\.num_tokens"):
-        _bridge(_cfg(num_tokens=0))
-    with pytest.raises(ConfigError, match=r"model\.bridge\.fdt\.chunk_size"):
-        _bridge(_cfg(chunk_size=-1))
+    for field, value in (("num_tokens", 0), ("chunk_size", -1), ("temperature", 0.0), ("query_hidden", 0)):
+        with pytest.raises(ConfigError, match=rf"^model\.bridge\.fdt\.{field}: {value} is out of range"):
+            load_config(overrides=["model.bridge.name=fdt", f"model.bridge.fdt.{field}={value}"])
     bridge = _bridge(_cfg())
     feats = _features()
     with pytest.raises(KeyError, match="built for"):

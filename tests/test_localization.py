@@ -220,9 +220,9 @@ def test_clip_compares_projected_tokens_and_masks_padded_targets() -> None:
 @pytest.mark.parametrize("bridge", ["clip", "codebook", "fdt"])
 def test_evaluate_localization_on_built_scenes(emoji_root: Path, bridge: str) -> None:
     scenes = load_suite("emoji-scenes", "train", root=emoji_root)[:12]
-    model = tiny_model(bridge, [s.texts[0] for s in scenes])
+    model = tiny_model(bridge, [s.media.get("text", [])[0] for s in scenes])
     metrics = evaluate_localization(model, scenes, batch_size=5)
-    objects = [(s.texts[0], o) for s in scenes for o in s.meta["objects"]]
+    objects = [(s.media.get("text", [])[0], o) for s in scenes for o in s.meta["objects"]]
     kept = [o for text, o in objects if word_positions(model.tokenizer, text, o["span"])]
     assert metrics["n_objects"] == len(kept) > 0.8 * len(objects)  # context 32 holds most of the captions
     assert metrics["n_objects_truncated"] == len(objects) - len(kept)
@@ -235,9 +235,9 @@ def test_evaluate_localization_on_built_scenes(emoji_root: Path, bridge: str) ->
 
 def test_phrase_maps_encode_each_word_alone_and_keep_its_image(emoji_root: Path) -> None:
     scenes = load_suite("emoji-scenes", "train", root=emoji_root)[:4]
-    model = tiny_model("fdt", [s.texts[0] for s in scenes])
-    images = [model.preprocessors.image.load(s.image) for s in scenes]
-    phrases = [[s.texts[0][slice(*o["span"])] for o in s.meta["objects"]] for s in scenes]
+    model = tiny_model("fdt", [s.media.get("text", [])[0] for s in scenes])
+    images = [model.preprocessors["image"].load(s.media.get("image")) for s in scenes]
+    phrases = [[s.media.get("text", [])[0][slice(*o["span"])] for o in s.meta["objects"]] for s in scenes]
     with torch.no_grad():
         maps = phrase_maps(model, images, phrases)
         for image, group, found in zip(images, phrases, maps, strict=True):
@@ -281,7 +281,7 @@ def test_zoom_clips_are_scored_against_the_frames_where_the_object_is_large(emoj
     assert zoom_target("zooming in", 4).tolist() == [False, False, True, True]
     assert zoom_target("zooming out", 5).tolist() == [True, True, False, False, False]
     clips = load_suite("emoji-clips", "train", root=emoji_root)
-    model = tiny_model("fdt", [s.texts[0] for s in clips], modalities=("video", "text"))
+    model = tiny_model("fdt", [s.media.get("text", [])[0] for s in clips], modalities=("video", "text"))
     metrics = evaluate_localization(model, clips)
     zooms = [c for c in clips if c.meta["motion"].startswith("zooming")]
     assert metrics["n_zoom_clips"] == len(zooms) > 0
@@ -294,7 +294,7 @@ def test_localization_needs_boxes_or_motion() -> None:
     model = tiny_model("clip", CAPTIONS)
     from codebridge.data.sample import Sample
 
-    plain = [Sample(key="0", source="x.csv:2", image="a.png", texts=["a dog"])]
+    plain = [Sample(key="0", source="x.csv:2", media={"image": "a.png", "text": ["a dog"]})]
     with pytest.raises(ConfigError, match="emoji-scenes:test"):
         evaluate_localization(model, plain)
 

@@ -63,10 +63,9 @@ def model() -> CodeBridgeModel:
 def collated(model: CodeBridgeModel, raw: dict[str, list]) -> dict:
     """The batch the training data path makes of the same files (eval transforms)."""
     samples = [
-        Sample(key=str(i), source=f"test:{i}", image=raw["image"][i], texts=[raw["text"][i]], audio=raw["audio"][i],
-               video=raw["video"][i])
+        Sample(key=str(i), source=f"test:{i}", media={m: [raw[m][i]] if m == "text" else raw[m][i] for m in raw})
         for i in range(len(CAPTIONS))
-    ]  # fmt: skip
+    ]
     dataset = SampleDataset(samples, MODALITIES, model.preprocessors, train=False)
     return collate([dataset[i] for i in range(len(dataset))])
 
@@ -108,9 +107,9 @@ def test_encode_raw_equals_encode_collated(model, raw, modality):
 def test_encode_accepts_in_memory_items(model, raw):
     pil = [Image.open(p) for p in raw["image"]]  # RGBA: composited on the background like the files
     assert torch.allclose(model.encode("image", pil), model.encode("image", raw["image"]), atol=1e-6)
-    waves = [model.preprocessors.audio.load(p).numpy() for p in raw["audio"]]
+    waves = [model.preprocessors["audio"].load(p).numpy() for p in raw["audio"]]
     assert torch.allclose(model.encode("audio", waves), model.encode("audio", raw["audio"]), atol=1e-6)
-    frames = [model.preprocessors.video.load(p) for p in raw["video"]]
+    frames = [model.preprocessors["video"].load(p) for p in raw["video"]]
     assert torch.allclose(model.encode("video", frames), model.encode("video", raw["video"]), atol=1e-6)
     one = model.encode("text", CAPTIONS[2])
     assert torch.allclose(one, model.encode("text", CAPTIONS)[2:3], atol=1e-6)
@@ -126,7 +125,7 @@ def test_encode_runs_in_eval_mode_and_restores_the_mode(model):
 def test_encode_errors_are_clear(model):
     with pytest.raises(KeyError, match="no speech encoder"):
         model.encode("speech", ["x"])
-    with pytest.raises(TypeError, match="item 1 is int"):
+    with pytest.raises(TypeError, match="text item 1: text inputs must be strings, got int"):
         model.encode("text", ["ok", 3])
     with pytest.raises(ValueError, match="got no inputs"):
         model.encode("text", [])
@@ -182,7 +181,10 @@ def test_load_rejects_an_incompatible_config(model, tmp_path):
     del meta["config"]["model"]["image"]["no_such_field"]
     meta["modalities"] = ["image", "smell"]
     (tmp_path / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match=r"config.json: data.modalities: \['image', 'smell'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config.json: data.modalities: 'smell' is not a registered modality; expected one of image, text, audio",
+    ):
         CodeBridgeModel.load(tmp_path)
 
 

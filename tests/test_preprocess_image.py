@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from codebridge.config import ImagePrep
-from codebridge.data.preprocess.image import ImageProcessor, to_rgb
-from codebridge.data.preprocess.source import decoding
+from codebridge.data.modalities.image import ImagePrep, ImageProcessor, to_rgb
+from codebridge.data.modalities.source import decoding
 from codebridge.data.sample import BadSampleError
 
 

@@ -89,7 +89,7 @@ def make_run(root: Path, bridge: str = "codebook", analysis: bool = True) -> tup
     cfg = small_config(bridge, str(csv))
     cfg.output_dir = str(run)
     torch.manual_seed(0)
-    texts = [t for s in open_source(str(csv), cfg.data) for t in s.texts]
+    texts = [t for s in open_source(str(csv), cfg.data) for t in s.media.get("text", [])]
     model = CodeBridgeModel(cfg, ["image", "text"], Preprocessors(cfg.prep, Tokenizer.train(texts, cfg.prep.text)))
     model.save(run / "model")
     save_config(cfg, run / "config.yaml")
@@ -277,7 +277,7 @@ def test_model_code_usage_counts_every_input(tmp_path, bridge):
     usage = model_code_usage(model, samples, batch_size=3)
     assert usage.size == 12 and set(usage.counts) == {"image", "text"}
     if bridge == "codebook":  # every valid token position is assigned one code
-        _, mask = model.tokenizer.encode([s.texts[0] for s in samples])
+        _, mask = model.tokenizer.encode([s.media.get("text", [])[0] for s in samples])
         assert usage.counts["text"].sum() == mask.sum().item()
         assert usage.counts["image"].sum() == len(samples) * (16 // 8) ** 2  # patches per image
     else:  # sparsemax weights of each input sum to one

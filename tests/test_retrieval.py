@@ -215,7 +215,7 @@ def test_evaluate_every_modality_pair_from_a_model_folder(emoji_root: Path, tmp_
     assert directions == {
         f"{a}_to_{b}" for a in ("image", "text", "audio") for b in ("image", "text", "audio") if a != b
     }
-    n_images = len({s.image for s in samples})
+    n_images = len({s.media.get("image") for s in samples})
     assert metrics["audio_to_image_n_queries"] == len(samples) > n_images == metrics["audio_to_image_n_gallery"]
     assert all(0 <= metrics[f"{d}_R@1"] <= metrics[f"{d}_R@5"] <= metrics[f"{d}_R@10"] <= 1 for d in directions)
     assert all(1 <= metrics[f"{d}_median_rank"] <= metrics[f"{d}_n_gallery"] for d in directions)

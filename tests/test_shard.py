@@ -24,16 +24,16 @@ def assert_same(original: list[Sample], restored: list[Sample]) -> None:
     """Same keys, captions, labels, meta and media bytes (with the same file extension)."""
     assert len(restored) == len(original)
     for a, b in zip(original, restored, strict=True):
-        assert (b.key, b.texts, b.labels, b.meta) == (a.key, a.texts, a.labels, a.meta)
+        assert (b.key, b.media.get("text", []), b.labels, b.meta) == (a.key, a.media.get("text", []), a.labels, a.meta)
         for modality in MEDIA:
-            value = getattr(a, modality)
+            value = a.media.get(modality)
             if value is None:
-                assert getattr(b, modality) is None
+                assert b.media.get(modality) is None
             elif isinstance(value, str):
-                assert getattr(b, modality) == Path(value).read_bytes()
-                assert getattr(b, modality).ext == Path(value).suffix[1:]
+                assert b.media.get(modality) == Path(value).read_bytes()
+                assert b.media.get(modality).ext == Path(value).suffix[1:]
             else:
-                assert getattr(b, modality) == value and getattr(b, modality).ext == value.ext
+                assert b.media.get(modality) == value and b.media.get(modality).ext == value.ext
 
 
 TRIMODAL_ROWS = [
@@ -92,7 +92,7 @@ def test_skip_bad_rows_are_left_out(media: Path) -> None:
     with pytest.raises(BadSampleError, match=r"bad\.csv:3"):
         write_shards(spec, media / "strict", DataConfig())
     write_shards(spec, media / "lenient", DataConfig(skip_bad=True))
-    assert [s.texts for s in open_source(str(media / "lenient"), DataConfig())] == [["red"], ["b"]]
+    assert [s.media.get("text", []) for s in open_source(str(media / "lenient"), DataConfig())] == [["red"], ["b"]]
 
 
 def test_refuses_to_mix_with_existing_shards(media: Path) -> None:

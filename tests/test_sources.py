@@ -108,21 +108,21 @@ COCO_ROWS = [
 def test_csv_groups_captions_of_the_same_media(media: Path) -> None:
     spec = str(write_table(media / "train.csv", COCO_ROWS))
     red, blue = open_source(spec, DataConfig())
-    assert red.texts == ["a red square", "red", "crimson block"]
-    assert blue.texts == ["a blue square"]
+    assert red.media.get("text", []) == ["a red square", "red", "crimson block"]
+    assert blue.media.get("text", []) == ["a blue square"]
     assert (red.labels, blue.labels) == ({"group": 0}, {"group": 1})
-    assert Path(red.image).read_bytes() == (media / "images/red.png").read_bytes()
+    assert Path(red.media.get("image")).read_bytes() == (media / "images/red.png").read_bytes()
     assert red.source == f"{spec}:2" and blue.source == f"{spec}:4"
-    assert red.key == "images/red.png" and red.audio is None and red.video is None
+    assert red.key == "images/red.png" and red.media.get("audio") is None and red.media.get("video") is None
 
 
 def test_specs_joined_by_double_colon_are_concatenated_in_order(media: Path) -> None:
     csv_spec = str(write_table(media / "train.csv", COCO_ROWS))
     jsonl_spec = str(write_jsonl(media / "more.jsonl", [{"image": "images/red.png", "text": "scarlet"}]))
     joined = open_source(f"{csv_spec}::{jsonl_spec}", DataConfig())
-    assert [s.texts for s in joined] == [
-        *(s.texts for s in open_source(csv_spec, DataConfig())),
-        *(s.texts for s in open_source(jsonl_spec, DataConfig())),
+    assert [s.media.get("text", []) for s in joined] == [
+        *(s.media.get("text", []) for s in open_source(csv_spec, DataConfig())),
+        *(s.media.get("text", []) for s in open_source(jsonl_spec, DataConfig())),
     ]
     assert joined[-1].source == f"{jsonl_spec}:1"
     with pytest.raises(FileNotFoundError, match=r"missing\.csv"):
@@ -133,8 +133,8 @@ def test_tsv_by_extension_and_separator_from_config(media: Path) -> None:
     rows = [r[:2] for r in COCO_ROWS]
     tsv = open_source(str(write_table(media / "data.tsv", rows, "\t")), DataConfig())
     semicolon = open_source(str(write_table(media / "data.csv", rows, ";")), DataConfig(csv_separator=";"))
-    assert [s.texts for s in tsv] == [["a red square", "red", "crimson block"], ["a blue square"]]
-    assert [s.texts for s in semicolon] == [s.texts for s in tsv]
+    assert [s.media.get("text", []) for s in tsv] == [["a red square", "red", "crimson block"], ["a blue square"]]
+    assert [s.media.get("text", []) for s in semicolon] == [s.media.get("text", []) for s in tsv]
 
 
 def test_csv_separator_is_sniffed_from_the_header_when_not_set(media: Path) -> None:
@@ -143,8 +143,8 @@ def test_csv_separator_is_sniffed_from_the_header_when_not_set(media: Path) -> N
     tabbed = open_source(str(write_table(media / "openclip.csv", rows, "\t")), DataConfig())
     commas = open_source(str(write_table(media / "commas.csv", [[f'"{c}"' for c in r] for r in rows])), DataConfig())
     assert (
-        [s.texts for s in tabbed]
-        == [s.texts for s in commas]
+        [s.media.get("text", []) for s in tabbed]
+        == [s.media.get("text", []) for s in commas]
         == [
             ["a red square", "red", "crimson block"],
             ["a blue square", "blue, again"],
@@ -163,8 +163,8 @@ def test_csv_audio_and_video_columns_and_custom_names(media: Path) -> None:
     data = DataConfig(csv_image_key="img", csv_caption_key="caption", csv_audio_key="speech", csv_video_key="clip")
     spoken, clip = open_source(str(write_table(media / "av.csv", [*rows[:1], *(_quote(r) for r in rows[1:])])), data)
     assert spoken.has("image") and spoken.has("audio") and not spoken.has("video")
-    assert spoken.texts == ["red, spoken"]
-    assert clip.video == str(media / "video/clip.mp4") and clip.image is None
+    assert spoken.media.get("text", []) == ["red, spoken"]
+    assert clip.media.get("video") == str(media / "video/clip.mp4") and clip.media.get("image") is None
 
 
 def _quote(row: list[str]) -> list[str]:
@@ -202,7 +202,7 @@ def test_skip_bad_skips_counts_and_logs(media: Path, caplog: pytest.LogCaptureFi
     path = write_table(media / "bad.csv", rows)
     with caplog.at_level(logging.WARNING):
         samples = open_source(str(path), DataConfig(skip_bad=True))
-    assert [s.texts for s in samples] == [["red"]]
+    assert [s.media.get("text", []) for s in samples] == [["red"]]
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "skipped 2 bad sample(s)" in record.message
     assert "missing media file: 1" in record.message and "empty caption: 1" in record.message
@@ -221,10 +221,26 @@ def test_jsonl_fields(media: Path) -> None:
     ]
     spec = str(write_jsonl(media / "data.jsonl", rows))
     first, spoken, clip = open_source(spec, DataConfig())
-    assert first.texts == ["red", "a red square"] and first.labels == {"group": 2} and first.meta == {"n": 1}
-    assert first.key == "data-1" and first.source == f"{spec}:1" and first.image == str(media / "images/red.png")
-    assert spoken.key == "spoken" and spoken.texts == ["low tone"] and spoken.audio == str(media / "audio/low.wav")
-    assert clip.source == f"{spec}:4" and clip.texts == [] and clip.video == str(media / "video/clip.mp4")
+    assert (
+        first.media.get("text", []) == ["red", "a red square"]
+        and first.labels == {"group": 2}
+        and first.meta == {"n": 1}
+    )
+    assert (
+        first.key == "data-1"
+        and first.source == f"{spec}:1"
+        and first.media.get("image") == str(media / "images/red.png")
+    )
+    assert (
+        spoken.key == "spoken"
+        and spoken.media.get("text", []) == ["low tone"]
+        and spoken.media.get("audio") == str(media / "audio/low.wav")
+    )
+    assert (
+        clip.source == f"{spec}:4"
+        and clip.media.get("text", []) == []
+        and clip.media.get("video") == str(media / "video/clip.mp4")
+    )
 
 
 @pytest.mark.parametrize(
@@ -270,10 +286,16 @@ def test_shards_group_members_by_key(media: Path) -> None:
     first, second = user_shards(media / "shards", media)
     abc, tone, ghi = open_source(str(media / "shards"), DataConfig())
     assert abc.key == "abc" and abc.source == f"{first}:abc" and ghi.source == f"{second}:ghi"
-    assert abc.image == (media / "images/red.png").read_bytes() and isinstance(abc.image, MediaBytes)
-    assert abc.image.ext == "png" and abc.texts == ["a red square", "red"]
+    assert abc.media.get("image") == (media / "images/red.png").read_bytes() and isinstance(
+        abc.media.get("image"), MediaBytes
+    )
+    assert abc.media.get("image").ext == "png" and abc.media.get("text", []) == ["a red square", "red"]
     assert abc.labels == {"group": 0} and abc.meta == {"url": "http://x/red.png"}
-    assert tone.audio == (media / "audio/low.wav").read_bytes() and tone.texts == [] and tone.image is None
+    assert (
+        tone.media.get("audio") == (media / "audio/low.wav").read_bytes()
+        and tone.media.get("text", []) == []
+        and tone.media.get("image") is None
+    )
     brace = open_source(str(media / "shards/shard-{00000..00001}.tar"), DataConfig())
     assert brace == [abc, tone, ghi]
     assert open_source(str(second), DataConfig()) == [ghi]
@@ -294,7 +316,7 @@ def test_truncated_shard_names_shard_and_last_good_key(media: Path, cut: int) ->
     assert str(path) in message and "truncated or corrupt" in message and "re-create" in message
     samples = open_source(str(path), DataConfig(skip_bad=True))
     assert samples and f"after key {samples[-1].key!r}" in message
-    assert [s.texts for s in samples] == [[f"caption {i}"] for i in range(len(samples))]
+    assert [s.media.get("text", []) for s in samples] == [[f"caption {i}"] for i in range(len(samples))]
 
 
 def test_bad_shard_member_names_shard_and_key(media: Path) -> None:
@@ -344,7 +366,7 @@ def test_a_source_defined_here_is_found_by_its_spec(media: Path) -> None:
 
         def __iter__(self) -> Iterator[Sample]:
             for i in range(int(self.spec.partition(":")[2])):
-                yield Sample(key=str(i), source=f"{self.spec}:{i}", texts=[f"caption {i}"])
+                yield Sample(key=str(i), source=f"{self.spec}:{i}", media={"text": [f"caption {i}"]})
 
     SOURCES.register("test-counting")(Counting)
     try:

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from codebridge.config import Config, ConfigError, DataConfig, PrepConfig, TrainConfig
 from codebridge.data.dataset import SampleDataset
+from codebridge.data.modalities.text import Tokenizer
 from codebridge.data.preprocess import Preprocessors
-from codebridge.data.preprocess.text import Tokenizer
 from codebridge.data.shard import write_shards
 from codebridge.data.stream import ShardStream, StreamLoader, shuffled, training_stream
 from codebridge.train import train

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from codebridge.config import ConfigError, TextPrep
-from codebridge.data.preprocess.text import Tokenizer
+from codebridge.config import ConfigError
+from codebridge.data.modalities.text import TextPrep, Tokenizer
 
 CORPUS = [
     "grinning face",

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from codebridge.config import ImagePrep, VideoPrep
-from codebridge.data.preprocess.video import VideoProcessor, uniform_indices
+from codebridge.data.modalities.image import ImagePrep
+from codebridge.data.modalities.video import VideoPrep, VideoProcessor, uniform_indices
 
 PLAIN = ImagePrep(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # pixels stay in [0, 1]
 

@@ -76,7 +76,7 @@ def test_unnamed_or_missing_classes_are_errors() -> None:
 
 def sample(i: int, labels: dict[str, int], names: dict[str, str] | None) -> Sample:
     meta = {} if names is None else {"label_names": names}
-    return Sample(key=str(i), source=f"data.jsonl:{i + 1}", texts=["x"], labels=labels, meta=meta)
+    return Sample(key=str(i), source=f"data.jsonl:{i + 1}", labels=labels, meta=meta, media={"text": ["x"]})
 
 
 def test_class_names_from_meta() -> None:

@@ -20,6 +20,7 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -92,51 +93,89 @@ HEADS_DIVIDE_WIDTH = "{heads} must divide {width} (each head gets width / heads 
 
 
 # ----------------------------------------------------------------------------------------------
+# Sections: one config per registered component, beside the fixed fields
+# ----------------------------------------------------------------------------------------------
+SECTIONS = "sections"  # the metadata key of a sections field: its lookup
+
+
+def sections(lookup: Callable[[], dict[str, type]]) -> Any:
+    """A field holding one config per registered component (``prep.image``, ``model.bridge.fdt``), written flat
+    beside the other fields. ``lookup()`` maps each registered name to its config dataclass; it imports the
+    components, so it is called lazily (this module imports none of them). Use it in a ``Sectioned`` dataclass."""
+    return field(default_factory=dict, metadata={SECTIONS: lookup})
+
+
+def sections_field(cls: type) -> dataclasses.Field | None:
+    """The ``sections`` field of a config dataclass, if it has one."""
+    return next((f for f in dataclasses.fields(cls) if SECTIONS in f.metadata), None)
+
+
+def section_types(cls: type) -> dict[str, type]:
+    """The sections a config dataclass holds beside its fields: registered name -> config type ({} if none)."""
+    f = sections_field(cls)
+    return f.metadata[SECTIONS]() if f else {}
+
+
+class Sectioned:
+    """Base of a config dataclass with a ``sections`` field: ``cfg.image`` reads and writes that field's
+    ``"image"`` entry, and every registered section not given gets its defaults, so code reads
+    ``cfg.prep.image.size`` whichever module defines the section."""
+
+    def __post_init__(self) -> None:
+        f = sections_field(type(self))
+        given = getattr(self, f.name)
+        kinds = f.metadata[SECTIONS]()
+        filled = {name: given[name] if name in given else kind() for name, kind in kinds.items()}
+        object.__setattr__(self, f.name, {**filled, **given})
+
+    def __getattr__(self, name: str) -> Any:  # only called when ordinary lookup fails
+        if name.startswith("_") or name == SECTIONS:
+            raise AttributeError(name)
+        f = sections_field(type(self))
+        found = self.__dict__.get(f.name, {})
+        if name not in found:
+            kinds = f.metadata[SECTIONS]()
+            if name not in kinds:
+                raise AttributeError(
+                    f"{type(self).__name__} has no field or section {name!r}; sections: {', '.join(kinds)}"
+                )
+            found[name] = kinds[name]()  # registered after this config was made
+        return found[name]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        f = sections_field(type(self))
+        if name not in self.__dataclass_fields__ and name in self.__dict__.get(f.name, {}):  # type: ignore[attr-defined]
+            self.__dict__[f.name][name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+
+def _modality_preps() -> dict[str, type]:
+    from codebridge.data.modalities import prep_configs
+
+    return prep_configs()
+
+
+def _encoder_configs() -> dict[str, type]:
+    from codebridge.data.modalities import encoder_configs
+
+    return encoder_configs()
+
+
+def _bridge_configs() -> dict[str, type]:
+    from codebridge.models.bridges import bridge_configs
+
+    return bridge_configs()
+
+
+# ----------------------------------------------------------------------------------------------
 # Preprocessing (saved next to the weights so a loaded model preprocesses exactly like training)
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class ImagePrep:
-    size: int = num(32, ge=1)
-    mean: tuple[float, float, float] = num((0.5, 0.5, 0.5), ge=0, le=1)
-    std: tuple[float, float, float] = num((0.5, 0.5, 0.5), gt=0)
-    background: tuple[int, int, int] = num((255, 255, 255), ge=0, le=255)  # alpha is composited on this colour
-    augment: bool = True  # train-time only: random resized crop, flip off (emoji are not mirror-symmetric), jitter
-    crop_scale: tuple[float, float] = num((0.7, 1.0), gt=0, le=1)  # (min, max) area fraction of the random crop
-    color_jitter: float = num(0.2, ge=0)
+class PrepConfig(Sectioned):
+    """``prep.<modality>``: each registered modality's preprocessing config (data/modalities/)."""
 
-    def check(self) -> list[str]:
-        return broken({"{crop_scale} must be (min, max) with min <= max": self.crop_scale[0] <= self.crop_scale[1]})
-
-
-@dataclass
-class TextPrep:
-    context_length: int = num(16, ge=2)  # <sot> and <eot> at least
-    vocab_size: int = num(2000, ge=260)  # the 256 bytes and 4 special tokens are always in the vocabulary
-    lowercase: bool = True
-
-
-@dataclass
-class AudioPrep:
-    sample_rate: int = num(16000, ge=1)
-    n_mels: int = num(40, ge=1)
-    n_fft: int = num(400, ge=1)  # 25 ms at 16 kHz
-    hop_length: int = num(160, ge=1)  # 10 ms at 16 kHz
-    max_seconds: float = num(2.0, gt=0)
-    normalize: Literal["none", "utterance"] = "none"  # utterance: each mel channel to zero mean, unit variance per clip
-
-
-@dataclass
-class VideoPrep:
-    frames: int = num(8, ge=1)  # T frames sampled uniformly over the clip
-    size: int = num(32, ge=1)
-
-
-@dataclass
-class PrepConfig:
-    image: ImagePrep = field(default_factory=ImagePrep)
-    text: TextPrep = field(default_factory=TextPrep)
-    audio: AudioPrep = field(default_factory=AudioPrep)
-    video: VideoPrep = field(default_factory=VideoPrep)
+    sections: Mapping[str, Any] = sections(_modality_preps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,121 +226,28 @@ class DataConfig:
 # Model
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class ImageEncoderConfig:
-    patch_size: int = num(4, ge=1)
-    width: int = num(128, ge=1)
-    depth: int = num(4, ge=1)
-    heads: int = num(4, ge=1)
-    mlp_ratio: float = num(4.0, gt=0)
-    freeze_patch_embed: bool = False  # FDT freezes the ViT patch embedding (conv1)
-
-    def check(self) -> list[str]:
-        return broken({HEADS_DIVIDE_WIDTH: self.width % self.heads == 0})
-
-
-@dataclass
-class TextEncoderConfig:
-    width: int = num(128, ge=1)
-    depth: int = num(2, ge=1)
-    heads: int = num(4, ge=1)
-    mlp_ratio: float = num(4.0, gt=0)
-    causal: bool = False  # CLIP's text tower is causal and summarises at EOT; default: masked mean
-
-    def check(self) -> list[str]:
-        return broken({HEADS_DIVIDE_WIDTH: self.width % self.heads == 0})
-
-
-@dataclass
-class AudioEncoderConfig:
-    width: int = num(128, ge=1)
-    depth: int = num(2, ge=1)
-    heads: int = num(4, ge=1)
-    mlp_ratio: float = num(4.0, gt=0)
-    subsample: int = num(4, ge=1)  # time reduction of the convolutional front end (2 stride-2 convs)
-    positions: Literal["sinusoidal", "learned"] = "sinusoidal"  # learned: a table sized for prep.audio.max_seconds
-
-    def check(self) -> list[str]:
-        return broken(
-            {
-                HEADS_DIVIDE_WIDTH: self.width % self.heads == 0,
-                "{subsample} must be a power of two (1, 2, 4, 8, ...)": self.subsample & (self.subsample - 1) == 0,
-            }
-        )
-
-
-@dataclass
-class VideoEncoderConfig:
-    temporal_depth: int = num(1, ge=0)  # per-frame image encoder (ViT, own weights) + this many temporal layers
-    heads: int = num(4, ge=1)  # of the temporal layers, which run at model.image.width
-
-
-@dataclass
-class CodebookConfig:
-    size: int = 1024
-    dim: int | None = None  # None: the bridge's embed_dim
-    decay: float = 0.99
-    eps: float = 1e-5
-    commitment_weight: float = 0.25
-    cmcm_weight: float = 0.5  # CMG: cmcm = 0.5 * sum of the pair losses (Paper A's alpha is unverified)
-    summary_weight: float = 1.0
-    discrete_summary_weight: float = 1.0
-    discrete_ste: bool = True  # the discrete InfoNCE reaches the tokens through the straight-through estimator
-    fusion_lambda: float = 1.0  # S = S_cont + lambda * S_disc at retrieval time
-    dead_code_threshold: int = 300  # batches without use before a code is restarted (0: never)
-    kmeans_init: bool = False
-    kmeans_iters: int = 10
-    cmcm_margin: float = 0.0
-    cmcm_symmetric: bool = False  # CMG: row softmax only; True averages both directions (ours)
-    mm_ema: bool = False  # CMG extension: multimodal EMA update
-    cross_commitment: bool = False  # CMG extension: commit to the paired modality's codes too
-
-
-@dataclass
-class FdtConfig:
-    num_tokens: int = 16384
-    dim: int = 512
-    query_hidden: int | None = None  # None: same as dim
-    pooling: Literal["max", "mean", "sum"] = "max"
-    activation: Literal["sparsemax", "softmax", "sigmoid"] = "sparsemax"
-    pad_mode: Literal["neg_inf", "zero"] = "neg_inf"  # "zero" reproduces the authors' x0 pad-mask quirk
-    temperature: float = 1000.0
-    temperature_decay: float = 1.0  # T = max(T0 * decay ** (step / every), floor); 1.0 = constant
-    temperature_every: int = 2700
-    temperature_floor: float = 0.01
-    token_weight_decay: bool = True  # the authors' FDT table gets weight decay
-    topk_sparsemax: bool = True  # partial top-k sparsemax (exact; falls back to larger k when needed)
-    chunk_size: int = 8  # >0: memory-lean max-pool in chunks of this many tokens (bit-equal); 0: naive [B,T,C]
-    temperature_staircase: bool = True  # the authors' solver recomputes T only when step % temperature_every == 0
-    sparsemax_k: int = 64  # first k of top-k sparsemax; afterwards k follows the observed support
-
-
-@dataclass
-class BridgeConfig:
+class BridgeConfig(Sectioned):
     name: str = "clip"  # a registered bridge (models/bridges/, or one added with @BRIDGES.register); checked below
     embed_dim: int = num(128, ge=1)
     init_logit_scale: float = num(1 / 0.07, gt=0)
     max_logit_scale: float = num(100.0, gt=0)
     logit_scale_clamp: Literal["forward", "param"] = "forward"  # "param": clamp ln(scale) to [3, 6] (FDT)
     margin: float = num(0.0, ge=0)  # optional margin on the positive logit (masked margin softmax)
-    codebook: CodebookConfig = field(default_factory=CodebookConfig)
-    fdt: FdtConfig = field(default_factory=FdtConfig)
+    sections: Mapping[str, Any] = sections(_bridge_configs)  # model.bridge.<name>: each bridge's own config
 
     def __post_init__(self) -> None:
         from codebridge.models.bridges import bridge_class  # lazy: the registry imports torch and the bridges
 
         bridge_class(self.name)
+        super().__post_init__()
 
 
 @dataclass
-class ModelConfig:
-    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
-    video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
-    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+class ModelConfig(Sectioned):
+    """``model.<modality>``: the config of each registered modality's encoder; ``model.bridge``: the bridge's."""
 
-    def check(self) -> list[str]:
-        return broken({"{video.heads} must divide {image.width}": self.image.width % self.video.heads == 0})
+    sections: Mapping[str, Any] = sections(_encoder_configs)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,16 +312,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self) -> list[str]:
-        """Rules across sections: the ViT's patches must tile the images and the video frames it encodes."""
-        used, patch = self.data.modalities, self.model.image.patch_size
-        images_tile = "image" not in used or self.prep.image.size % patch == 0
-        frames_tile = "video" not in used or self.prep.video.size % patch == 0
-        return broken(
-            {
-                "{prep.image.size} must be a multiple of {model.image.patch_size}": images_tile,
-                "{prep.video.size} must be a multiple of {model.image.patch_size}": frames_tile,
-            }
-        )
+        """Rules across sections, stated by each modality the run uses (e.g. the ViT's patches must tile the
+        images); an unregistered modality is named with the registered ones."""
+        from codebridge.data.modalities import check_modalities  # lazy: the modalities import torch
+
+        rules: dict[str, bool] = {}
+        for spec in check_modalities(self.data.modalities):
+            rules.update(spec.rules(self))
+        return broken(rules)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,11 +420,20 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if hasattr(cls, "upgrade"):  # a section renames fields of older versions (old run and model folders load)
         data = cls.upgrade(dict(data))
-    unknown = sorted(set(data) - set(fields))
+    flat = sections_field(cls)
+    kinds = section_types(cls)
+    fields.pop(flat.name if flat else "", None)
+    unknown = sorted(set(data) - set(fields) - set(kinds))
     if unknown:
         where = path or "top level"
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k, field_range(fields[k])) for k, v in data.items()}
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join([*fields, *kinds])}")
+
+    def dotted(key: str) -> str:
+        return f"{path}.{key}" if path else key
+
+    kwargs = {k: _coerce(v, hints[k], dotted(k), field_range(fields[k])) for k, v in data.items() if k in fields}
+    if flat:
+        kwargs[flat.name] = {k: _coerce(v, kinds[k], dotted(k)) for k, v in data.items() if k in kinds}
     obj = cls(**kwargs)
     problems = obj.check() if hasattr(obj, "check") else []
     if problems:
@@ -510,13 +463,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain YAML/JSON-able mapping (tuples become lists)."""
 
     def plain(x: Any) -> Any:
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            out = {}
+            for f in dataclasses.fields(x):
+                value = plain(getattr(x, f.name))
+                out.update(value if SECTIONS in f.metadata else {f.name: value})  # sections are written flat
+            return out
         if isinstance(x, (list, tuple)):
             return [plain(v) for v in x]
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
         return x
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

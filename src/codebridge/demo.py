@@ -86,12 +86,12 @@ def _pipeline(out: Path, recipe: str, minutes: float, data_root: Path | None, ov
     for method, suffix in (("tokens", ""), ("windows", "_windows")):
         heat = localize_cli(
             run_dir / "model",
-            image=scene.image,
-            text=scene.texts[0],
+            image=scene.media["image"],
+            text=scene.media["text"][0],
             out=analysis / f"localization_scene{suffix}.png",
             method=method,
         )
-        print(f"    heatmaps ({method}) for {scene.texts[0]!r}: {heat['png']}")
+        print(f"    heatmaps ({method}) for {scene.media['text'][0]!r}: {heat['png']}")
 
     report = build_report(run_dir)
     print(f"[4/4] done in {(time.perf_counter() - started) / 60:.1f} min")

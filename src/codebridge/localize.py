@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from codebridge.config import ConfigError
-from codebridge.data.preprocess.video import uniform_indices
+from codebridge.data.modalities.video import uniform_indices
 from codebridge.eval.heatmap import frame_strip, overlay, save_panels
 from codebridge.eval.localization import (
     content_positions,
@@ -90,7 +90,7 @@ def separate_maps(
     for windows with speech, the whole utterance)."""
     if query == "audio" and method == "phrases":
         raise ConfigError("--method phrases needs --text; for speech use tokens or windows")
-    image = model.preprocessors.image.load(image_item)
+    image = model.preprocessors["image"].load(image_item)
     if query == "text":
         labels, items = ["whole text", *query_item.split()], [query_item, *query_item.split()]
     else:
@@ -152,11 +152,11 @@ def localize_cli(
     else:
         maps, skipped = separate_maps(model, method, query, query_item, str(target_item), window), []
     if target == "image":
-        picture = model.preprocessors.image.load(str(target_item))
+        picture = model.preprocessors["image"].load(str(target_item))
         panels = [("input", picture)] + [(label, overlay(picture, heat)) for label, heat in maps]
         columns = 4
     else:
-        frames = model.preprocessors.video.load(str(target_item))
+        frames = model.preprocessors["video"].load(str(target_item))
         shown = [Image.fromarray(frames[i]) for i in uniform_indices(len(frames), model.cfg.prep.video.frames)]
         panels = [(label, frame_strip(shown, scores)) for label, scores in maps]
         columns = 1

@@ -13,12 +13,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from codebridge.config import Config, ConfigError
+from codebridge.config import Config
 from codebridge.data.dataset import decode
+from codebridge.data.modalities import check_modalities, modality_names
 from codebridge.data.preprocess import Preprocessors
-from codebridge.data.sample import MODALITIES, BadSampleError
+from codebridge.data.sample import BadSampleError
 from codebridge.data.sources import Problem, Problems, read_source
-from codebridge.data.sources.spec import MEDIA, RowError
+from codebridge.data.sources.spec import RowError
 
 EMPTY = "no samples: the data holds no rows (or shard members) to train on; add some"
 
@@ -70,8 +71,8 @@ class CheckReport:
 def check_dataset(spec: str, cfg: Config, modalities: list[str] | None = None) -> CheckReport:
     """Read ``spec`` collecting every bad row, decode all media, and require ``modalities`` of every sample."""
     required = list(modalities or [])
-    if unknown := sorted(set(required) - set(MODALITIES)):
-        raise ConfigError(f"--modalities: unknown {', '.join(unknown)}; choose from {', '.join(MODALITIES)}")
+    if required:
+        check_modalities(required, "--modalities")
     problems = Problems(skip=True)
     samples = read_source(spec, cfg.data, problems)
     rejected = len({p.source for p in problems.found})
@@ -80,7 +81,7 @@ def check_dataset(spec: str, cfg: Config, modalities: list[str] | None = None) -
         for modality in required:
             if not sample.has(modality):
                 problems.add(sample.source, RowError(f"missing {modality}", f"no {modality} (required)", modality))
-        for modality in MEDIA:
+        for modality in modality_names():
             if not sample.has(modality):
                 continue
             try:

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from codebridge.config import Config, ConfigError
+from codebridge.data.modalities import check_modalities
+from codebridge.data.modalities import modality as spec_of
+from codebridge.data.modalities.source import DecodeError
 from codebridge.data.preprocess import Preprocessors
-from codebridge.data.preprocess.source import DecodeError
-from codebridge.data.sample import MODALITIES, BadSampleError, Sample
+from codebridge.data.sample import BadSampleError, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,12 @@ SKIP_BAD_HINT = "fix or remove the file, or pass --set data.skip_bad=true to ski
 
 def decode(prep: Preprocessors, sample: Sample, modality: str) -> Any:
     """The one decoding path for the media of a sample (training, evaluation and ``data check`` alike): the
-    decoded image (uint8 [H,W,3]), waveform or frames; any failure is a ``BadSampleError`` naming the sample's
-    source and the file."""
+    modality's raw item (e.g. image uint8 [H,W,3], waveform, frames); any failure is a ``BadSampleError`` naming
+    the sample's source and the file."""
     try:
-        decoded = getattr(prep, modality).load(getattr(sample, modality))
+        return prep[modality].decode(sample.media[modality])
     except DecodeError as exc:
         raise BadSampleError(sample.source, str(exc)) from exc  # "image FILE: what is wrong"
-    return np.asarray(decoded) if modality == "image" else decoded  # [H,W,3] uint8: compact and picklable
 
 
 def with_hint(err: BadSampleError) -> BadSampleError:
@@ -49,7 +49,7 @@ def with_hint(err: BadSampleError) -> BadSampleError:
 
 def all_texts(samples: Iterable[Sample]) -> Iterator[str]:
     """Every caption of every sample, in order and lazily: the corpus the tokenizer is trained on."""
-    return (text for sample in samples for text in sample.texts)
+    return (text for sample in samples for text in sample.media.get("text", []))
 
 
 def derive_seed(*values: int) -> int:
@@ -84,10 +84,8 @@ class SampleDataset(Dataset):
         cache_mb: float = 0.0,
         seed: int = 0,
     ) -> None:
-        unknown = sorted(set(modalities) - set(MODALITIES))
-        if unknown or not modalities:
-            raise ValueError(f"data.modalities: {modalities} is not a non-empty list of {', '.join(MODALITIES)}")
-        if "text" in modalities and prep.text is None:
+        self.specs = check_modalities(modalities)
+        if "text" in modalities and prep.tokenizer is None:
             raise ValueError(
                 "the text modality needs a tokenizer: "
                 "Preprocessors(prep, Tokenizer.train(all_texts(samples), prep.text))"
@@ -135,9 +133,9 @@ class SampleDataset(Dataset):
         """``sample`` preprocessed with the randomness of (seed, epoch, index); ``index`` also keys the decoded
         cache, so a streamed sample (not in ``samples``) needs a dataset without cache."""
         item: Item = {"index": index, "labels": dict(sample.labels)}
-        for modality in self.modalities:
-            generator = _generator(self.seed, epoch, index, MODALITIES.index(modality))
-            item[modality] = self._preprocess(modality, self._decode(sample, index, modality), generator)
+        for spec in self.specs:
+            generator = _generator(self.seed, epoch, index, spec.stream)
+            item[spec.name] = self.prep[spec.name].entry(self._decode(sample, index, spec.name), self.train, generator)
         return item
 
     def _decode(self, sample: Sample, index: int, modality: str) -> Any:
@@ -145,8 +143,6 @@ class SampleDataset(Dataset):
             raise BadSampleError(
                 sample.source, f"has no {modality}, which this run needs (data.modalities={self.modalities})"
             )
-        if modality == "text":
-            return sample.texts
         key = (index, modality)
         decoded = self.cache.get(key)
         if decoded is None:
@@ -156,18 +152,6 @@ class SampleDataset(Dataset):
                 decoded = err
             self.cache.put(key, decoded)
         return _raise_or_return(decoded)
-
-    def _preprocess(self, modality: str, decoded: Any, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        if modality == "image":
-            return {"pixels": self.prep.image(decoded, self.train, generator)}
-        if modality == "text":
-            choice = int(torch.randint(len(decoded), (), generator=generator)) if self.train else 0
-            ids, mask = self.prep.text.encode([decoded[choice]])
-            return {"ids": ids[0], "mask": mask[0]}
-        if modality == "audio":
-            mel = self.prep.audio(decoded, self.train, generator)
-            return {"mel": mel, "mask": torch.ones(mel.shape[0], dtype=torch.bool)}
-        return {"frames": self.prep.video(decoded, self.train, generator)}
 
 
 def nbytes(value: Any) -> int:
@@ -218,8 +202,8 @@ def _raise_or_return(decoded: Any) -> Any:
 
 
 def collate(items: list[Item | None]) -> dict[str, Any] | None:
-    """Items -> the batch contract: Nones (skipped samples) dropped, tensors stacked, variable-length ones
-    (audio frames and their mask) right-padded with zeros/False; a label a sample lacks is -1. None if empty."""
+    """Items -> the batch contract: Nones (skipped samples) dropped, each modality's entries collated by its spec
+    (stacked, variable-length ones right-padded with zeros/False); a label a sample lacks is -1. None if empty."""
     items = [item for item in items if item is not None]
     if not items:
         return None
@@ -228,12 +212,9 @@ def collate(items: list[Item | None]) -> dict[str, Any] | None:
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
         "labels": {name: torch.tensor([item["labels"].get(name, -1) for item in items]) for name in names},
     }
-    for modality in MODALITIES:
-        if modality in items[0]:
-            keys = items[0][modality]
-            batch[modality] = {
-                key: pad_sequence([item[modality][key] for item in items], batch_first=True) for key in keys
-            }
+    for name in items[0]:
+        if name not in ("index", "labels"):
+            batch[name] = spec_of(name, "batch").collate([item[name] for item in items])
     return batch
 
 
@@ -396,8 +377,7 @@ class _Probe(Dataset):
     """Whether each sample's media in ``modalities`` decode: None, or the ``_Bad`` that says why not."""
 
     def __init__(self, samples: list[Sample], modalities: list[str], prep: Preprocessors) -> None:
-        self.samples, self.prep = samples, prep
-        self.modalities = [m for m in modalities if m != "text"]
+        self.samples, self.prep, self.modalities = samples, prep, modalities
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-MODALITIES = ("image", "text", "audio", "video")
-
 
 class BadSampleError(ValueError):
     """A sample cannot be used; the message names its source (file:line or shard:key) and how to fix it."""
@@ -19,23 +17,21 @@ class BadSampleError(ValueError):
 
 @dataclass
 class Sample:
-    """One item of a dataset. Every modality is optional; ``texts`` may hold several captions.
+    """One item of a dataset: ``media`` maps a registered modality's name to its reference, every one optional.
 
-    ``image``/``audio``/``video`` are a file path (str) or the encoded file bytes (from a tar shard).
+    A media reference is a file path (str) or the encoded file bytes (from a tar shard); ``media["text"]`` is the
+    list of captions (one or several).
     ``source`` says where the sample came from ("train.csv:12", "shard-00003.tar:000042") for error messages.
     ``labels`` maps a label name (e.g. "concept", "group") to an integer class.
     """
 
     key: str
     source: str
-    image: str | bytes | None = None
-    texts: list[str] = field(default_factory=list)
-    audio: str | bytes | None = None
-    video: str | bytes | None = None
+    media: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def has(self, modality: str) -> bool:
-        if modality == "text":
-            return bool(self.texts)
-        return getattr(self, modality) is not None
+        """Whether the sample holds ``modality`` (an empty caption list is none)."""
+        value = self.media.get(modality)
+        return value is not None and not (isinstance(value, list) and not value)

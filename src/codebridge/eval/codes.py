@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from sklearn.metrics import normalized_mutual_info_score
 
 from codebridge.config import ConfigError
-from codebridge.data.preprocess.text import SPECIAL_TOKENS
+from codebridge.data.modalities.text import SPECIAL_TOKENS
 from codebridge.data.sample import Sample
 from codebridge.eval.localization import (
     code_affinity,
@@ -121,7 +121,7 @@ class TopPatches:
             {
                 "index": i,
                 "sample": samples[i].key,
-                "image": samples[i].image if isinstance(samples[i].image, str) else None,
+                "image": samples[i].media["image"] if isinstance(samples[i].media["image"], str) else None,
                 "row": p // self.grid,
                 "col": p % self.grid,
                 "score": score,
@@ -181,8 +181,8 @@ def position_concepts(model: CodeBridgeModel, modality: str, sample: Sample, ite
 
 def _inputs(model: CodeBridgeModel, modality: str, chunk: list[Sample]) -> list[Any]:
     if modality == "image":
-        return [model.preprocessors.image.load(s.image) for s in chunk]
-    return [s.texts[0] if modality == "text" else getattr(s, modality) for s in chunk]
+        return [model.preprocessors["image"].load(s.media["image"]) for s in chunk]
+    return [s.media["text"][0] if modality == "text" else s.media[modality] for s in chunk]
 
 
 def collect(
@@ -349,7 +349,7 @@ def draw_code_grid(
         words = ", ".join(word.strip() for word, _ in entry["top_words"][:3]) or "(no words)"
         row[0].set_title(f"code {entry['code']} (n={entry['count']}): {words}", fontsize=8, loc="left")
         for ax, patch in zip(row, entry["top_patches"], strict=False):
-            image = model.preprocessors.image.load(samples[patch["index"]].image)
+            image = model.preprocessors["image"].load(samples[patch["index"]].media["image"])
             ax.imshow(patch_crop(image, grid, patch["row"], patch["col"]))
     fig.tight_layout()
     with atomic_path(path) as tmp:

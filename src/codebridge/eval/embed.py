@@ -48,8 +48,9 @@ class Items:
 
 
 def _keys(sample: Sample, modality: str) -> list[Hashable]:
-    """What makes an item distinct: the caption text, or the media path or bytes."""
-    return list(sample.texts) if modality == "text" else [getattr(sample, modality)]
+    """What makes an item distinct: each entry of a list (the captions), or the media path or bytes."""
+    value = sample.media[modality]
+    return list(value) if isinstance(value, list) else [value]
 
 
 def embed_items(
@@ -57,14 +58,17 @@ def embed_items(
 ) -> Items:
     """Embeddings of the distinct items (for text: every distinct caption of every sample) and who owns them."""
     index: dict[Hashable, int] = {}
-    firsts: list[Sample] = []  # the first sample holding each item, with that item as its only caption
+    firsts: list[Sample] = []  # the first sample holding each item, with that item as its only entry (caption)
     rows = []
     for sample in samples:
         own = []
         for key in _keys(sample, modality):
             if key not in index:
                 index[key] = len(index)
-                firsts.append(dataclasses.replace(sample, texts=[key]) if modality == "text" else sample)
+                listed = isinstance(sample.media[modality], list)
+                firsts.append(
+                    dataclasses.replace(sample, media={**sample.media, modality: [key]}) if listed else sample
+                )
             own.append(index[key])
         rows.append(sorted(set(own)))
     return Items(embed_dataset(model, firsts, modality, batch_size, num_workers), rows)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from PIL import Image
 
-from codebridge.data.preprocess.image import centre_square
+from codebridge.data.modalities.image import centre_square
 from codebridge.files import atomic_path
 
 CMAP = "jet"

@@ -24,8 +24,8 @@ from PIL import Image
 from torch import Tensor
 
 from codebridge.config import ConfigError
-from codebridge.data.preprocess.image import centre_square
-from codebridge.data.preprocess.text import Tokenizer
+from codebridge.data.modalities.image import centre_square
+from codebridge.data.modalities.text import Tokenizer
 from codebridge.models.bridges.base import DiscreteSpace
 from codebridge.models.features import Features
 

@@ -126,8 +126,8 @@ def evaluate_scenes(
     boxes, sizes, truncated = [], [], 0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        images = [model.preprocessors.image.load(s.image) for s in chunk]
-        captions = [s.texts[0] for s in chunk]
+        images = [model.preprocessors["image"].load(s.media["image"]) for s in chunk]
+        captions = [s.media["text"][0] for s in chunk]
         objects = [_scene_objects(s) for s in chunk]
         maps = caption_word_maps(model, images, captions, [[o["span"] for o in objs] for objs in objects])
         phrases = [
@@ -173,8 +173,8 @@ def evaluate_clips(model: CodeBridgeModel, samples: list[Sample], batch_size: in
     hits, chance = [], []
     for i in range(0, len(zooms), batch_size):
         chunk = zooms[i : i + batch_size]
-        captions = [s.texts[0] for s in chunk]
-        video = encode_features(model, "video", [s.video for s in chunk])
+        captions = [s.media["text"][0] for s in chunk]
+        video = encode_features(model, "video", [s.media["video"] for s in chunk])
         text = encode_features(model, "text", captions)
         sim = position_similarity(model, "text", text, "video", video)
         for b, sample in enumerate(chunk):
@@ -201,8 +201,8 @@ def evaluate_localization(
 ) -> Metrics:
     """Flat metrics: the pointing game on scenes (image + caption + ``meta["objects"]``, e.g. emoji-scenes:test)
     and/or the zoom alignment on clips (video + caption + ``meta["motion"]``, e.g. emoji-clips:test)."""
-    scenes = [s for s in samples if s.image is not None and s.texts and s.meta.get("objects")]
-    clips = [s for s in samples if s.video is not None and s.texts and "motion" in s.meta]
+    scenes = [s for s in samples if s.has("image") and s.has("text") and s.meta.get("objects")]
+    clips = [s for s in samples if s.has("video") and s.has("text") and "motion" in s.meta]
     if not scenes and not clips:
         raise ConfigError(
             "localization needs scenes (image + caption with meta objects holding span and box, e.g. "

@@ -7,7 +7,6 @@ the model offline, and nothing pickled.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,16 +17,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
 from codebridge import __version__
 from codebridge.config import Config, ConfigError, from_dict, to_dict
+from codebridge.data.modalities import check_modalities, modality
+from codebridge.data.modalities.text import TOKENIZER_FILE
 from codebridge.data.preprocess import PREP_FILE, Preprocessors, Tokenizer
-from codebridge.data.preprocess.text import TOKENIZER_FILE
-from codebridge.data.sample import MODALITIES
 from codebridge.files import atomic_path, atomic_write_json, naming_errors
 from codebridge.models.bridges import bridge_class
-from codebridge.models.encoders import ENCODERS
 from codebridge.models.features import BridgeOutput
 
 WEIGHTS_FILE = "model.safetensors"
@@ -37,38 +34,32 @@ Batch = dict[str, Any]
 
 
 class CodeBridgeModel(nn.Module):
-    """``encoders[modality]`` (``ENCODERS``) feeding one bridge (``BRIDGES``, named by cfg.model.bridge.name).
+    """``encoders[modality]`` (each modality's registered encoder) feeding one bridge (``BRIDGES``, named by
+    cfg.model.bridge.name).
 
     ``preprocessors`` must carry the tokenizer when "text" is a modality; its vocabulary sizes the text encoder.
     """
 
     def __init__(self, cfg: Config, modalities: Sequence[str], preprocessors: Preprocessors) -> None:
         super().__init__()
-        unknown = sorted(set(modalities) - set(MODALITIES))
-        if unknown or len(set(modalities)) != len(modalities) or not modalities:
-            raise ConfigError(f"data.modalities: {list(modalities)} is not a list of distinct {', '.join(MODALITIES)}")
+        specs = check_modalities(list(modalities))
         if preprocessors.prep != cfg.prep:
             raise ConfigError(
                 "the preprocessors' settings differ from the config's prep section; build them with "
                 "Preprocessors(cfg.prep, tokenizer) so the encoders are sized for the inputs they get"
             )
-        if "text" in modalities and preprocessors.text is None:
+        if "text" in modalities and preprocessors.tokenizer is None:
             raise ValueError("the text modality needs a tokenizer: Preprocessors(cfg.prep, Tokenizer.train(...))")
         self.cfg = cfg
         self.modalities = list(modalities)
         self.preprocessors = preprocessors
-        self.encoders = nn.ModuleDict({m: self._build_encoder(m) for m in self.modalities})
+        self.encoders = nn.ModuleDict({spec.name: spec.build_encoder(cfg, preprocessors) for spec in specs})
         widths = {m: enc.width for m, enc in self.encoders.items()}
         self.bridge = bridge_class(cfg.model.bridge.name)(cfg.model.bridge, widths)
 
-    def _build_encoder(self, modality: str) -> nn.Module:
-        if modality == "text":
-            return ENCODERS.get("text")(self.cfg, vocab_size=self.preprocessors.text.vocab_size)
-        return ENCODERS.get(modality)(self.cfg)
-
     @property
     def tokenizer(self) -> Tokenizer | None:
-        return self.preprocessors.text
+        return self.preprocessors.tokenizer
 
     @property
     def device(self) -> torch.device:
@@ -90,9 +81,10 @@ class CodeBridgeModel(nn.Module):
     def encode(self, modality: str, inputs: Any, batch_size: int = 256) -> torch.Tensor:
         """Retrieval embeddings [N, E] of raw items or of an already collated batch entry (a dict of tensors).
 
-        Raw items: image paths, bytes, PIL images or uint8 [H,W,3] arrays; strings; audio paths, bytes or mono
-        waveforms at ``prep.audio.sample_rate`` (1-D arrays/tensors); video paths, bytes or uint8 [T,H,W,3]
-        arrays. They get the eval transforms (no augmentation). Runs in eval mode, restoring the mode after.
+        Raw items: what the modality's processor takes (``from_user``), e.g. image paths, bytes, PIL images or
+        uint8 [H,W,3] arrays; strings; audio paths, bytes or mono waveforms at ``prep.audio.sample_rate`` (1-D
+        arrays/tensors); video paths, bytes or uint8 [T,H,W,3] arrays. They get the eval transforms (no
+        augmentation). Runs in eval mode, restoring the mode after.
         """
         if modality not in self.encoders:
             raise KeyError(f"this model has no {modality} encoder; its modalities are {self.modalities}")
@@ -218,42 +210,13 @@ def _chunks(entry: dict[str, torch.Tensor], batch_size: int) -> list[dict[str, t
     return [{k: v[i : i + batch_size] for k, v in entry.items()} for i in range(0, n, batch_size)]
 
 
-def prepare_batch(prep: Preprocessors, modality: str, items: list[Any]) -> dict[str, torch.Tensor]:
-    """Raw items -> one modality's batch entry with the eval transforms, padded exactly as ``collate`` pads."""
-    if modality == "text":
-        bad = [i for i, t in enumerate(items) if not isinstance(t, str)]
-        if bad:
-            raise TypeError(f"text inputs must be strings; item {bad[0]} is {type(items[bad[0]]).__name__}")
-        ids, mask = prep.text.encode(items)
-        return {"ids": ids, "mask": mask}
-    if modality == "image":
-        return {"pixels": torch.stack([prep.image(_rgb(prep, item), train=False) for item in items])}
-    if modality == "audio":
-        mels = [prep.audio(_waveform(prep, item), train=False) for item in items]
-        masks = [torch.ones(len(mel), dtype=torch.bool) for mel in mels]
-        return {"mel": pad_sequence(mels, batch_first=True), "mask": pad_sequence(masks, batch_first=True)}
-    frames = [item if isinstance(item, np.ndarray) else prep.video.load(item) for item in items]
-    return {"frames": torch.stack([prep.video(f, train=False) for f in frames])}
-
-
-def _rgb(prep: Preprocessors, item: Any) -> Image.Image | np.ndarray:
-    """An RGB image; PIL images with alpha go through the file decoder so they are composited like files."""
-    if isinstance(item, np.ndarray) or (isinstance(item, Image.Image) and item.mode == "RGB"):
-        return item
-    if isinstance(item, Image.Image):
-        buffer = io.BytesIO()
-        item.save(buffer, format="PNG")
-        item = buffer.getvalue()
-    return prep.image.load(item)
-
-
-def _waveform(prep: Preprocessors, item: Any) -> torch.Tensor:
-    """A mono waveform at prep.audio.sample_rate: decoded from a file, or given as a 1-D array/tensor."""
-    if isinstance(item, (np.ndarray, torch.Tensor)):
-        wave = torch.as_tensor(item, dtype=torch.float32)
-        if wave.ndim != 1:
-            raise ValueError(
-                f"a waveform must be 1-D mono samples at prep.audio.sample_rate, got shape {tuple(wave.shape)}"
-            )
-        return wave
-    return prep.audio.load(item)
+def prepare_batch(prep: Preprocessors, name: str, items: list[Any]) -> dict[str, torch.Tensor]:
+    """Raw items -> one modality's batch entry with the eval transforms, collated exactly as ``collate`` does."""
+    spec, processor = modality(name, "modality"), prep[name]
+    raws = []
+    for i, item in enumerate(items):
+        try:
+            raws.append(processor.from_user(item))
+        except TypeError as exc:
+            raise TypeError(f"{name} item {i}: {exc}") from None
+    return spec.collate([processor.entry(raw, train=False) for raw in raws])

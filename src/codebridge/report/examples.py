@@ -14,15 +14,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from codebridge.data.dataset import decode
+from codebridge.data.modalities import modality
 from codebridge.data.sample import Sample
 from codebridge.eval.embed import embed_items, matching_pairs
 from codebridge.eval.retrieval import retrieval_ranks
 
 if TYPE_CHECKING:
     from codebridge.models.model import CodeBridgeModel
-
-QUERY_MODALITIES = ("text", "audio")  # what a query is, in order of preference
-GALLERY_MODALITIES = ("image", "video")  # what is shown as thumbnails
 
 
 @dataclass
@@ -48,11 +47,15 @@ class Examples:
     examples: list[Example]
 
 
-def pick_modalities(model_modalities: Sequence[str], samples: list[Sample]) -> tuple[str, str] | None:
-    """(query, gallery) modalities that the model has and every sample has, or None when there is no such pair."""
-    present = [m for m in model_modalities if all(s.has(m) for s in samples)]
-    query = next((m for m in QUERY_MODALITIES if m in present), None)
-    gallery = next((m for m in GALLERY_MODALITIES if m in present), None)
+def pick_modalities(
+    model: CodeBridgeModel, model_modalities: Sequence[str], samples: list[Sample]
+) -> tuple[str, str] | None:
+    """(query, gallery) modalities that the model has and every sample has, or None when there is no such pair:
+    the gallery is the first whose items show as thumbnails, the query text if present, else the first other one."""
+    present = [m for m in model_modalities if samples and all(s.has(m) for s in samples)]
+    gallery = next((m for m in present if thumbnail(model, m, samples[0]) is not None), None)
+    others = [m for m in present if m != gallery]
+    query = "text" if "text" in others else next(iter(others), None)
     return (query, gallery) if query and gallery else None
 
 
@@ -77,26 +80,23 @@ def owners(rows: list[list[int]], n_items: int) -> list[int]:
     return owner
 
 
-def thumbnail(model: CodeBridgeModel, modality: str, sample: Sample) -> Image.Image:
-    """The image itself, or the middle frame of a clip, decoded like the model decodes it."""
-    if modality == "image":
-        return model.preprocessors.image.load(sample.image)
-    frames = model.preprocessors.video.load(sample.video)
-    return Image.fromarray(frames[len(frames) // 2])
+def thumbnail(model: CodeBridgeModel, name: str, sample: Sample) -> Image.Image | None:
+    """How the modality shows the sample's item (decoded like the model decodes it), or None."""
+    return modality(name).thumbnail(decode(model.preprocessors, sample, name))
 
 
 def query_text(modality: str, sample: Sample, item_key: str | None) -> str:
     if modality == "text":
         return item_key or ""
-    said = sample.texts[0] if sample.texts else sample.key
-    return f"spoken: {said}"
+    said = sample.media["text"][0] if sample.has("text") else sample.key
+    return f"{modality}: {said}"
 
 
 def example_queries(
     model: CodeBridgeModel, samples: list[Sample], count: int = 4, k: int = 5, batch_size: int = 256
 ) -> Examples | None:
     """``count`` queries spread over the distinct query items, each with its top-``k`` gallery items."""
-    modalities = pick_modalities(model.modalities, samples)
+    modalities = pick_modalities(model, model.modalities, samples)
     if modalities is None:
         return None
     query_m, gallery_m = modalities
@@ -126,6 +126,6 @@ def _captions(samples: list[Sample]) -> dict[int, str]:
     """Caption text of each text item: ``embed_items`` numbers the distinct captions in order of appearance."""
     seen: dict[str, int] = {}
     for sample in samples:
-        for text in sample.texts:
+        for text in sample.media.get("text", []):
             seen.setdefault(text, len(seen))
     return {item: text for text, item in seen.items()}

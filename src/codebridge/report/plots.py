@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
 from codebridge.config import ConfigError
-from codebridge.data.sample import MODALITIES
+from codebridge.data.modalities import modality_names
 
 Series = dict[str, list[tuple[int, float]]]
 Panel = tuple[str, str]  # (title, data URI)
@@ -80,8 +80,8 @@ def usage_family(key: str) -> str:
     """The statistic a usage key (``namespace/statistic[/modality or pair]``, see ``Bridge.usage``) measures, without
     namespace, modality or pair: ``fdt/image/used`` -> ``used``, ``codebook/agreement/image-text`` -> ``agreement``;
     keys of one family share a panel and a scale."""
-    parts = key.split("/")[1:] or [key]
-    named = [p for p in parts if p not in MODALITIES and not all(q in MODALITIES for q in p.split("-"))]
+    parts, names = key.split("/")[1:] or [key], modality_names()
+    named = [p for p in parts if p not in names and not all(q in names for q in p.split("-"))]
     return named[0] if named else key
 
 

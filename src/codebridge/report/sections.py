@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from codebridge.config import Config
+from codebridge.data.modalities import modality
 from codebridge.models.bridges import bridge_class
 from codebridge.report import plots
 from codebridge.report.examples import Examples
@@ -44,18 +45,9 @@ def describe_bridge(cfg: Config) -> str:
     return bridge_class(cfg.model.bridge.name).describe(cfg.model.bridge)
 
 
-def describe_encoder(cfg: Config, modality: str) -> str:
-    model, prep = cfg.model, cfg.prep
-    if modality == "image":
-        enc = model.image
-        return f"ViT width {enc.width}, depth {enc.depth}, patch {enc.patch_size}, input {prep.image.size}px"
-    if modality == "text":
-        enc = model.text
-        return f"transformer width {enc.width}, depth {enc.depth}, {prep.text.context_length} tokens (BPE)"
-    if modality == "audio":
-        enc = model.audio
-        return f"transformer width {enc.width}, depth {enc.depth} on {prep.audio.n_mels} log-mel bands"
-    return f"per-frame ViT + {model.video.temporal_depth} temporal layer(s), {prep.video.frames} frames"
+def describe_encoder(cfg: Config, name: str) -> str:
+    """The modality's own one-line description of its encoder with the run's settings."""
+    return modality(name).describe(cfg)
 
 
 def summary_section(run: RunFolder, parameters: int | None) -> Section:

@@ -132,7 +132,7 @@ def create_app(searcher: Searcher, max_upload: int = 10_000_000) -> Starlette:
         sample = searcher.sample(parse_id(request.path_params["id"]))
         if not sample.has("image"):
             raise HTTPException(404, f"item {sample.key} has no image")
-        image = searcher.model.preprocessors.image.load(sample.image)
+        image = searcher.model.preprocessors["image"].load(sample.media["image"])
         image.thumbnail((THUMB, THUMB))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -142,8 +142,9 @@ def create_app(searcher: Searcher, max_upload: int = 10_000_000) -> Starlette:
         sample = searcher.sample(parse_id(request.path_params["id"]))
         if not sample.has("audio"):
             raise HTTPException(404, f"item {sample.key} has no audio")
-        suffix = Path(sample.audio).suffix.lower() if isinstance(sample.audio, str) else ".wav"
-        return Response(_media_bytes(sample.audio), media_type=AUDIO_TYPES.get(suffix, "application/octet-stream"))
+        media = sample.media["audio"]
+        suffix = Path(media).suffix.lower() if isinstance(media, str) else ".wav"
+        return Response(_media_bytes(media), media_type=AUDIO_TYPES.get(suffix, "application/octet-stream"))
 
     routes = [
         Route("/", lambda r: HTMLResponse(page())),

@@ -36,10 +36,11 @@ from tqdm import tqdm
 
 from codebridge.config import ConfigError, DataConfig
 from codebridge.data.dataset import SampleDataset, collate
+from codebridge.data.modalities.text import SETTINGS_FILE, TOKENIZER_FILE
 from codebridge.data.preprocess import PREP_FILE
-from codebridge.data.preprocess.text import SETTINGS_FILE, TOKENIZER_FILE
 from codebridge.data.sample import Sample
 from codebridge.data.sources import open_source
+from codebridge.data.sources.spec import media_modalities
 from codebridge.eval.codes import code_table, collect
 from codebridge.models.model import CONFIG_FILE, WEIGHTS_FILE, CodeBridgeModel
 from codebridge.search.ann import build_ann
@@ -72,15 +73,15 @@ def collection(spec: str, data: DataConfig, modality: str) -> list[Sample]:
 
 
 def item_row(item_id: int, sample: Sample, modality: str) -> dict[str, Any]:
-    media = getattr(sample, modality, None) if modality != "text" else None
+    media = sample.media.get(modality) if modality != "text" else None
     return {
         "id": item_id,
         "key": sample.key,
         "source": sample.source,
-        "caption": sample.texts[0] if sample.texts else "",
+        "caption": sample.media["text"][0] if sample.has("text") else "",
         "modality": modality,
         "media": media if isinstance(media, str) else "",
-        "has": [m for m in ("image", "audio", "video") if sample.has(m)],
+        "has": [m for m in media_modalities() if sample.has(m)],
     }
 
 
@@ -147,7 +148,7 @@ def code_words(
 ) -> dict[int, list[str]]:
     """Top words of each code over the captions of up to ``limit`` samples spread over the collection (the code
     analysis of ``eval/codes.py``); empty for a model without text or a collection without captions."""
-    captioned = [s for s in samples if s.texts]
+    captioned = [s for s in samples if s.has("text")]
     if "text" not in model.modalities or not captioned or not has_codes(model):
         return {}
     chosen = [captioned[i] for i in np.linspace(0, len(captioned) - 1, min(limit, len(captioned))).astype(int)]

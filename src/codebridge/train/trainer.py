@@ -183,7 +183,7 @@ class Trainer:
         if "text" not in self.cfg.data.modalities:
             return None
         from codebridge.data.dataset import all_texts
-        from codebridge.data.preprocess.text import Tokenizer
+        from codebridge.data.modalities.text import Tokenizer
         from codebridge.data.sources import Problems, source_for
 
         if self.checkpoint is not None:

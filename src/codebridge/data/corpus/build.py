@@ -158,8 +158,7 @@ def _sample(item: Item, png: bytes, suite: str, split: str) -> Sample:
     return Sample(
         key=f"{suite}-{split}-{item.key}",
         source=f"{item.art.package}:{item.name}",
-        image=MediaBytes(png, "png"),
-        texts=list(item.texts),
+        media={"image": MediaBytes(png, "png"), "text": list(item.texts)},
         labels=dict(item.labels),
         meta=dict(item.meta),
     )

@@ -94,8 +94,7 @@ def _images(data: EmojiData, name: str, split: str, styles: tuple[str, ...], con
             Sample(
                 key=f"{name}-{split}-{row['style']}-{stem}",
                 source=_source("images.jsonl", lineno),
-                image=data.path(row["file"]),
-                texts=[data.concepts[row["concept"]]["name"]],
+                media={"image": data.path(row["file"]), "text": [data.concepts[row["concept"]]["name"]]},
                 labels=data.labels(row["concept"]),
                 meta=data.meta(row["concept"], variant=row["variant"], style=row["style"], skin=row["skin"]),
             )
@@ -124,9 +123,11 @@ def _speech(data: EmojiData, name: str, split: str) -> list[Sample]:
             Sample(
                 key=f"{name}-{split}-{folder}-{Path(row['file']).stem}",
                 source=_source("speech.jsonl", lineno),
-                image=data.path(data.base_images[row["concept"], style]),
-                texts=[row["text"]],
-                audio=data.path(row["file"]),
+                media={
+                    "image": data.path(data.base_images[row["concept"], style]),
+                    "text": [row["text"]],
+                    "audio": data.path(row["file"]),
+                },
                 labels=data.labels(row["concept"]),
                 meta=data.meta(row["concept"], style=style, voice=row["voice"], speed=row["speed"], pitch=row["pitch"]),
             )
@@ -139,8 +140,7 @@ def _scenes(data: EmojiData, name: str, split: str) -> list[Sample]:
         Sample(
             key=f"{name}-{split}-{row['id']:06d}",
             source=_source("scenes.jsonl", lineno),
-            image=data.path(row["file"]),
-            texts=[row["caption"]],
+            media={"image": data.path(row["file"]), "text": [row["caption"]]},
             meta={"style": row["style"], "objects": row["objects"]},
         )
         for lineno, row in data.table("scenes.jsonl")
@@ -153,8 +153,7 @@ def _clips(data: EmojiData, name: str, split: str) -> list[Sample]:
         Sample(
             key=f"{name}-{split}-{row['id']:06d}",
             source=_source("clips.jsonl", lineno),
-            video=data.path(row["file"]),
-            texts=[row["caption"]],
+            media={"video": data.path(row["file"]), "text": [row["caption"]]},
             labels={**data.labels(row["concept"]), "motion": MOTIONS.index(row["motion"])},
             meta=data.meta(row["concept"], style=row["style"], motion=row["motion"], frames=row["frames"]),
         )

@@ -1,4 +1,4 @@
-"""Per-modality preprocessing and the bundle of it that is saved next to a model's weights.
+"""The preprocessing of a run: one processor per registered modality, and the bundle saved next to a model.
 
 ``Preprocessors.save``/``load`` write and read ``preprocessing.json`` (the PrepConfig) and the tokenizer files,
 so a loaded model preprocesses exactly like it was trained.
@@ -11,30 +11,27 @@ from pathlib import Path
 from typing import Any
 
 from codebridge.config import ConfigError, PrepConfig, from_dict, to_dict
-from codebridge.data.preprocess.audio import AudioProcessor
-from codebridge.data.preprocess.image import ImageProcessor
-from codebridge.data.preprocess.text import TOKENIZER_FILE, Tokenizer
-from codebridge.data.preprocess.video import VideoProcessor
+from codebridge.data.modalities import Processor, modality, modality_names
+from codebridge.data.modalities.text import TOKENIZER_FILE, Tokenizer
 
 PREP_FILE = "preprocessing.json"
 
-__all__ = ["AudioProcessor", "ImageProcessor", "Preprocessors", "Tokenizer", "VideoProcessor"]
+__all__ = ["PREP_FILE", "Preprocessors", "Tokenizer"]
 
 
 class Preprocessors:
-    """One processor per modality; ``text`` is the tokenizer (None until one is trained or loaded)."""
+    """``preprocessors[modality]``: the processor of every registered modality, built from ``prep``; the text
+    processor uses ``tokenizer`` (None until one is trained or loaded)."""
 
     def __init__(self, prep: PrepConfig, tokenizer: Tokenizer | None = None) -> None:
-        if tokenizer is not None and tokenizer.prep != prep.text:
-            raise ConfigError(
-                f"prep.text {to_dict(prep.text)} differs from the tokenizer's settings {to_dict(tokenizer.prep)}; "
-                "train the tokenizer with the run's prep.text (or load both from the same model folder)"
-            )
         self.prep = prep
-        self.image = ImageProcessor(prep.image)
-        self.text = tokenizer
-        self.audio = AudioProcessor(prep.audio)
-        self.video = VideoProcessor(prep.video, prep.image)
+        self.tokenizer = tokenizer
+        self._processors = {name: modality(name).processor(prep, tokenizer) for name in modality_names()}
+
+    def __getitem__(self, name: str) -> Processor:
+        if name not in self._processors:  # registered after these were built
+            self._processors[name] = modality(name, "modality").processor(self.prep, self.tokenizer)
+        return self._processors[name]
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self.prep)
@@ -44,8 +41,8 @@ class Preprocessors:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / PREP_FILE).write_text(json.dumps(self.to_dict(), indent=2))
-        if self.text is not None:
-            self.text.save(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> Preprocessors:

@@ -1,11 +1,11 @@
 """CSV/TSV caption files, OpenCLIP-compatible: a header row, then one media path and one caption per row.
 
 Columns (names from ``DataConfig``): the caption column ``csv_caption_key`` and at least one media column
-(``csv_image_key``, ``csv_audio_key``, ``csv_video_key``); ``label:NAME`` columns hold integer labels; any other
-column is ignored. Rows naming the same media files form one item with several captions in row order, so
-COCO-style files (five captions per image) and one-pair-per-row files both work. The separator is
-``data.csv_separator``, else tab for ``.tsv`` and, for ``.csv``, whichever of tab and comma the header line holds
-more of (OpenCLIP writes tab-separated ``.csv`` files by default). The file must be UTF-8.
+(``csv_image_key``, ``csv_audio_key``, ``csv_video_key``; a modality added later: its name); ``label:NAME`` columns
+hold integer labels; any other column is ignored. Rows naming the same media files form one item with several
+captions in row order, so COCO-style files (five captions per image) and one-pair-per-row files both work. The
+separator is ``data.csv_separator``, else tab for ``.tsv`` and, for ``.csv``, whichever of tab and comma the header
+line holds more of (OpenCLIP writes tab-separated ``.csv`` files by default). The file must be UTF-8.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 from codebridge.config import ConfigError, DataConfig
 from codebridge.data.sample import Sample
 from codebridge.data.sources.spec import (
-    MEDIA,
     SOURCES,
     ListSource,
     Problems,
@@ -26,6 +25,7 @@ from codebridge.data.sources.spec import (
     clean_texts,
     encoding_error,
     existing_file,
+    media_modalities,
     media_path,
 )
 
@@ -43,7 +43,7 @@ class Columns:
 def find_columns(path: Path, header: list[str], data: DataConfig) -> Columns:
     """Column positions; a ``ConfigError`` listing expected and found columns when the header does not fit."""
     index = {name.strip(): i for i, name in enumerate(header)}
-    names = {"image": data.csv_image_key, "audio": data.csv_audio_key, "video": data.csv_video_key}
+    names = {m: csv_column(data, m) for m in media_modalities()}
     media = {m: index[name] for m, name in names.items() if name in index}
     if data.csv_caption_key not in index or not media:
         hint = " (one column only: is the separator right? set data.csv_separator)" if len(header) == 1 else ""
@@ -55,6 +55,11 @@ def find_columns(path: Path, header: list[str], data: DataConfig) -> Columns:
         )
     labels = {name.removeprefix(LABEL_PREFIX): i for name, i in index.items() if name.startswith(LABEL_PREFIX)}
     return Columns(index[data.csv_caption_key], media, labels, len(header))
+
+
+def csv_column(data: DataConfig, modality: str) -> str:
+    """The column of a media modality: ``data.csv_<modality>_key`` where DataConfig has one, else its name."""
+    return getattr(data, f"csv_{modality}_key", modality)
 
 
 def parse_row(row: list[str], columns: Columns, folder: Path) -> tuple[dict[str, str], str, dict[str, int]]:
@@ -131,16 +136,16 @@ def _parse(spec: str, path: Path, reader: Any, data: DataConfig, problems: Probl
         source = f"{spec}:{line}"
         try:
             media, caption, labels = parse_row(row, columns, folder)
-            group = tuple(media.get(m, "") for m in MEDIA)
+            group = tuple(media.get(m, "") for m in columns.media)
             if group not in items:
-                key = "+".join(row[columns.media[m]].strip() for m in MEDIA if m in media)
-                items[group] = (Sample(key=key, source=source, texts=[], labels=labels, **media), line)
+                key = "+".join(row[columns.media[m]].strip() for m in columns.media if m in media)
+                items[group] = (Sample(key=key, source=source, media={**media, "text": []}, labels=labels), line)
             sample, first = items[group]
             if sample.labels != labels:
                 raise RowError(
                     "malformed row", f"labels {labels} differ from {sample.labels} of line {first} (same media)"
                 )
-            sample.texts.append(caption)
+            sample.media["text"].append(caption)
         except RowError as error:
             problems.add(source, error)
     return [sample for sample, _ in items.values()]

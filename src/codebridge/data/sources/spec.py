@@ -21,7 +21,14 @@ from codebridge.registry import Registry
 
 log = logging.getLogger(__name__)
 
-MEDIA = ("image", "audio", "video")  # the modalities stored as files
+
+def media_modalities() -> list[str]:
+    """The registered modalities stored as files (those with file extensions; captions are inline)."""
+    from codebridge.data.modalities import modality, modality_names  # lazy: the modalities import torch
+
+    return [name for name in modality_names() if modality(name).extensions]
+
+
 SKIP_HINT = "or skip and count such samples with --set data.skip_bad=true"
 ICONV_HINT = "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT (when it was written as Latin-1)"
 

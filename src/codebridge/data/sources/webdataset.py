@@ -1,8 +1,9 @@
 """WebDataset tar shards: the members of one sample share a basename key (``abc.png``, ``abc.txt``, ``abc.json``).
 
 Reading and writing live together so the two sides of the format cannot drift apart:
-- ``abc.jpg|jpeg|png|webp`` image, ``abc.wav|flac|ogg|mp3`` audio, ``abc.mp4|avi|webm|mkv|mov`` video, kept as the
-  encoded bytes (``MediaBytes``, which remembers its extension so a shard can be rewritten unchanged);
+- a member whose extension is a registered modality's WebDataset key (``abc.png`` image, ``abc.wav`` audio,
+  ``abc.mp4`` video: ``Modality.webdataset_keys``), kept as the encoded bytes (``MediaBytes``, which remembers its
+  extension so a shard can be rewritten unchanged);
 - ``abc.txt`` captions, one per line;
 - ``abc.json`` an object with optional ``key``, ``labels`` ({name: int}), ``meta`` and ``texts`` (captions; wins over
   ``abc.txt``, needed for captions holding a line break); other keys (img2dataset's ``url``...) land in ``meta``.
@@ -21,14 +22,16 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from codebridge.data.sample import BadSampleError, Sample
-from codebridge.data.sources.spec import SOURCES, RowError, Source, clean_texts, not_utf8, parse_labels
+from codebridge.data.sources.spec import (
+    SOURCES,
+    RowError,
+    Source,
+    clean_texts,
+    media_modalities,
+    not_utf8,
+    parse_labels,
+)
 
-EXTENSIONS = {
-    "image": ("jpg", "jpeg", "png", "webp"),
-    "audio": ("wav", "flac", "ogg", "mp3"),
-    "video": ("mp4", "avi", "webm", "mkv", "mov"),
-}
-MODALITY_OF = {ext: modality for modality, exts in EXTENSIONS.items() for ext in exts}
 Members = dict[str, bytes]  # extension -> member bytes
 
 
@@ -149,22 +152,33 @@ def parse_info(raw: bytes) -> dict[str, Any]:
     return fields
 
 
+def member_extensions() -> dict[str, str]:
+    """Member extension -> the media modality stored under it (the registered modalities' WebDataset keys)."""
+    from codebridge.data.modalities import modality  # lazy: the modalities import torch
+
+    return {ext: name for name in media_modalities() for ext in modality(name).webdataset_keys}
+
+
 def to_sample(source: str, key: str, members: Members) -> Sample:
     sample = Sample(key=key, source=source)
+    modality_of = member_extensions()
     for ext, data in members.items():
-        modality = MODALITY_OF.get(ext)
+        modality = modality_of.get(ext)
         if modality is None:
             continue
-        if getattr(sample, modality) is not None:
+        if modality in sample.media:
             raise RowError("malformed row", f"two {modality} members for one key; keep one", modality)
-        setattr(sample, modality, MediaBytes(data, ext))
+        sample.media[modality] = MediaBytes(data, ext)
     if "txt" in members:
         lines = utf8_member(members["txt"], "txt").split("\n")
-        sample.texts = clean_texts([line for line in lines if line.strip()])
+        sample.media["text"] = clean_texts([line for line in lines if line.strip()])
     if "json" in members:
-        for name, value in parse_info(members["json"]).items():
+        info = parse_info(members["json"])
+        if "texts" in info:
+            sample.media["text"] = info.pop("texts")
+        for name, value in info.items():
             setattr(sample, name, value)
-    if not any(sample.has(m) for m in ("image", "text", "audio", "video")):
+    if not any(sample.has(m) for m in sample.media):
         raise RowError("malformed row", f"no media or caption member; expected e.g. {key}.png and {key}.txt")
     return sample
 
@@ -193,17 +207,18 @@ class ShardSource(Source):
 
 def media_member(sample: Sample, modality: str) -> tuple[str, bytes]:
     """(extension, bytes) of a sample's media file, as a shard stores it."""
-    value = getattr(sample, modality)
+    value = sample.media[modality]
     if isinstance(value, MediaBytes):
         return value.ext, bytes(value)
     if isinstance(value, bytes):
         raise BadSampleError(sample.source, f"{modality} bytes without a file extension cannot be stored in a shard")
     ext = Path(value).suffix.lstrip(".").lower()
-    if ext not in EXTENSIONS[modality]:
+    keys = [e for e, m in member_extensions().items() if m == modality]
+    if ext not in keys:
         raise BadSampleError(
             sample.source,
             f"{modality} file {value}: extension {ext!r} cannot be stored in a shard; "
-            f"convert it to one of {', '.join(EXTENSIONS[modality])}",
+            f"convert it to one of {', '.join(keys)}",
         )
     return ext, Path(value).read_bytes()
 
@@ -211,14 +226,14 @@ def media_member(sample: Sample, modality: str) -> tuple[str, bytes]:
 def to_record(sample: Sample, member_key: str) -> dict[str, bytes | str]:
     """A sample as a ``webdataset.ShardWriter`` record: media bytes, captions, and key/labels/meta in the json."""
     record: dict[str, bytes | str] = {"__key__": member_key}
-    for modality in EXTENSIONS:
-        if getattr(sample, modality) is not None:
+    for modality in media_modalities():
+        if sample.has(modality):
             ext, data = media_member(sample, modality)
             record[ext] = data
     info: dict[str, Any] = {"key": sample.key, "labels": sample.labels, "meta": sample.meta}
-    if sample.texts:
-        record["txt"] = "\n".join(sample.texts).encode("utf-8")
-        if any("\n" in t for t in sample.texts):
-            info["texts"] = sample.texts
+    if texts := sample.media.get("text"):
+        record["txt"] = "\n".join(texts).encode("utf-8")
+        if any("\n" in t for t in texts):
+            info["texts"] = texts
     record["json"] = json.dumps(info, ensure_ascii=False, sort_keys=True).encode("utf-8")
     return record

@@ -28,6 +28,14 @@ def bridge_names() -> list[str]:
     return BRIDGES.names()
 
 
+def bridge_configs() -> dict[str, type]:
+    """``model.bridge.<name>``: the config type of every registered bridge that has one."""
+    from codebridge.models.bridges.base import BRIDGES
+
+    import_bridges()
+    return BRIDGES.configs()
+
+
 def bridge_class(name: str) -> type[Bridge]:
     """The bridge registered as ``name``; a ConfigError naming ``model.bridge.name`` and the registered ones."""
     from codebridge.models.bridges.base import BRIDGES

@@ -17,12 +17,13 @@ embeddings is ``S_cont + lambda * S_disc``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codebridge.config import BridgeConfig, CodebookConfig, ConfigError
+from codebridge.config import BridgeConfig, num
 from codebridge.distributed import gather_with_grad, rank
 from codebridge.models.bridges.base import (
     BRIDGES,
@@ -36,6 +37,29 @@ from codebridge.models.bridges.vector_quantizer import EMAVectorQuantizer
 from codebridge.models.features import BridgeOutput, Features
 
 LOG_EPS = 1e-10  # CMG's log(P + 1e-10)
+
+
+@dataclass
+class CodebookConfig:
+    """``model.bridge.codebook``."""
+
+    size: int = num(1024, ge=1)
+    dim: int | None = num(None, ge=1)  # None: the bridge's embed_dim
+    decay: float = num(0.99, ge=0, lt=1)
+    eps: float = num(1e-5, gt=0)
+    commitment_weight: float = num(0.25, ge=0)
+    cmcm_weight: float = num(0.5, ge=0)  # CMG: cmcm = 0.5 * sum of the pair losses (Paper A's alpha is unverified)
+    summary_weight: float = num(1.0, ge=0)
+    discrete_summary_weight: float = num(1.0, ge=0)
+    discrete_ste: bool = True  # the discrete InfoNCE reaches the tokens through the straight-through estimator
+    fusion_lambda: float = num(1.0, ge=0)  # S = S_cont + lambda * S_disc at retrieval time (a weight)
+    dead_code_threshold: int = num(300, ge=0)  # batches without use before a code is restarted (0: never)
+    kmeans_init: bool = False
+    kmeans_iters: int = num(10, ge=0)
+    cmcm_margin: float = num(0.0, ge=0)
+    cmcm_symmetric: bool = False  # CMG: row softmax only; True averages both directions (ours)
+    mm_ema: bool = False  # CMG extension: multimodal EMA update
+    cross_commitment: bool = False  # CMG extension: commit to the paired modality's codes too
 
 
 def code_distribution(distances: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -79,21 +103,6 @@ def dominant_codes(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
     return counts.argmax(-1).masked_fill(~valid.any(-1), -1)
 
 
-def _check(cb: CodebookConfig) -> None:
-    if cb.size < 1:
-        raise ConfigError(f"model.bridge.codebook.size: must be >= 1, got {cb.size}")
-    if cb.dim is not None and cb.dim < 1:
-        raise ConfigError(f"model.bridge.codebook.dim: must be >= 1 or null (= embed_dim), got {cb.dim}")
-    if not 0.0 <= cb.decay < 1.0:
-        raise ConfigError(f"model.bridge.codebook.decay: must be in [0, 1), got {cb.decay}")
-    if cb.eps <= 0:
-        raise ConfigError(f"model.bridge.codebook.eps: must be > 0, got {cb.eps}")
-    if cb.fusion_lambda < 0:
-        raise ConfigError(f"model.bridge.codebook.fusion_lambda: must be >= 0 (it is a weight), got {cb.fusion_lambda}")
-    if cb.dead_code_threshold < 0 or cb.kmeans_iters < 0:
-        raise ConfigError("model.bridge.codebook.dead_code_threshold and kmeans_iters: must be >= 0 (0: off)")
-
-
 class _Agreement:
     """Per pair (and over all modalities): samples whose dominant codes match, and samples seen (CMG's equal_num)."""
 
@@ -119,7 +128,7 @@ class _Agreement:
         }
 
 
-@BRIDGES.register("codebook")
+@BRIDGES.register("codebook", config=CodebookConfig)
 class CodebookBridge(Bridge):
     """Shared EMA codebook + CMCM. ``extras`` of each modality's ``BridgeOutput``:
 
@@ -130,7 +139,6 @@ class CodebookBridge(Bridge):
     def __init__(self, cfg: BridgeConfig, widths: dict[str, int]) -> None:
         super().__init__(cfg, widths)
         cb = self.cb = cfg.codebook
-        _check(cb)
         dim = cb.dim or cfg.embed_dim
         self.token_proj = nn.ModuleDict({m: nn.Linear(w, dim) for m, w in widths.items()})
         self.summary_proj = nn.ModuleDict({m: nn.Linear(w, cfg.embed_dim, bias=False) for m, w in widths.items()})

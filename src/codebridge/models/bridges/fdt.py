@@ -9,12 +9,14 @@ pair; there is no other loss (the sparsity constraint *is* sparsemax). See docs/
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codebridge.config import BridgeConfig, ConfigError, FdtConfig
+from codebridge.config import BridgeConfig, num
 from codebridge.models.bridges.base import (
     BRIDGES,
     Bridge,
@@ -26,6 +28,27 @@ from codebridge.models.bridges.base import (
 from codebridge.models.bridges.fdt_grounding import pooled_scores, token_scores
 from codebridge.models.bridges.sparsemax import AdaptiveTopkSparsemax, sparsemax
 from codebridge.models.features import BridgeOutput, Features
+
+
+@dataclass
+class FdtConfig:
+    """``model.bridge.fdt``."""
+
+    num_tokens: int = num(16384, ge=1)
+    dim: int = num(512, ge=1)
+    query_hidden: int | None = num(None, ge=1)  # None: same as dim
+    pooling: Literal["max", "mean", "sum"] = "max"
+    activation: Literal["sparsemax", "softmax", "sigmoid"] = "sparsemax"
+    pad_mode: Literal["neg_inf", "zero"] = "neg_inf"  # "zero" reproduces the authors' x0 pad-mask quirk
+    temperature: float = num(1000.0, gt=0)
+    temperature_decay: float = num(1.0, gt=0)  # T = max(T0 * decay ** (step / every), floor); 1.0 = constant
+    temperature_every: int = num(2700, ge=1)
+    temperature_floor: float = num(0.01, gt=0)
+    token_weight_decay: bool = True  # the authors' FDT table gets weight decay
+    topk_sparsemax: bool = True  # partial top-k sparsemax (exact; falls back to larger k when needed)
+    chunk_size: int = num(8, ge=0)  # >0: memory-lean max-pool in chunks of this many tokens (bit-equal); 0: naive
+    temperature_staircase: bool = True  # the authors' solver recomputes T only when step % temperature_every == 0
+    sparsemax_k: int = num(64, ge=1)  # first k of top-k sparsemax; afterwards k follows the observed support
 
 
 def fdt_temperature(cfg: FdtConfig, step: int) -> float:
@@ -40,24 +63,6 @@ def _softmax(s: torch.Tensor) -> torch.Tensor:
 
 def _sigmoid(s: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(s.to(torch.promote_types(s.dtype, torch.float32)))
-
-
-def _check(cfg: FdtConfig) -> None:
-    positive = {
-        "num_tokens": cfg.num_tokens,
-        "dim": cfg.dim,
-        "temperature": cfg.temperature,
-        "temperature_decay": cfg.temperature_decay,
-        "temperature_every": cfg.temperature_every,
-        "temperature_floor": cfg.temperature_floor,
-        "sparsemax_k": cfg.sparsemax_k,
-        "query_hidden": cfg.query_hidden or 1,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"model.bridge.fdt.{name}: must be > 0, got {value!r}")
-    if cfg.chunk_size < 0:
-        raise ConfigError(f"model.bridge.fdt.chunk_size: must be >= 0 (0 = naive grounding), got {cfg.chunk_size}")
 
 
 def query_mlp(width: int, hidden: int, dim: int) -> nn.Sequential:
@@ -104,7 +109,7 @@ class _Usage:
         return stats
 
 
-@BRIDGES.register("fdt")
+@BRIDGES.register("fdt", config=FdtConfig)
 class FdtBridge(Bridge):
     """Shared token table ``tokens`` [C, d] (N(0, 1) init), one query MLP per modality; embedding width is fdt.dim.
 
@@ -115,7 +120,6 @@ class FdtBridge(Bridge):
 
     def __init__(self, cfg: BridgeConfig, widths: dict[str, int]) -> None:
         super().__init__(cfg, widths)
-        _check(cfg.fdt)
         self.fdt = cfg.fdt
         self.tokens = nn.Parameter(torch.randn(cfg.fdt.num_tokens, cfg.fdt.dim))
         hidden = cfg.fdt.query_hidden or cfg.fdt.dim

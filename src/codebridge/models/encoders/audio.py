@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from codebridge.config import AudioPrep, Config, ConfigError
+from codebridge.config import HEADS_DIVIDE_WIDTH, Config, broken, num
+from codebridge.data.modalities.audio import AudioPrep
 from codebridge.models.encoders import ENCODERS
 from codebridge.models.encoders.layers import Transformer, masked_mean, sinusoidal_positions
 from codebridge.models.features import Features
@@ -43,7 +46,27 @@ class ConvSubsample(nn.Module):
         return x.transpose(1, 2), mask  # [B,F',D], [B,F']
 
 
-@ENCODERS.register("audio")
+@dataclass
+class AudioEncoderConfig:
+    """``model.audio``."""
+
+    width: int = num(128, ge=1)
+    depth: int = num(2, ge=1)
+    heads: int = num(4, ge=1)
+    mlp_ratio: float = num(4.0, gt=0)
+    subsample: int = num(4, ge=1)  # time reduction of the convolutional front end (2 stride-2 convs)
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"  # learned: a table sized for prep.audio.max_seconds
+
+    def check(self) -> list[str]:
+        return broken(
+            {
+                HEADS_DIVIDE_WIDTH: self.width % self.heads == 0,
+                "{subsample} must be a power of two (1, 2, 4, 8, ...)": self.subsample & (self.subsample - 1) == 0,
+            }
+        )
+
+
+@ENCODERS.register("audio", config=AudioEncoderConfig)
 class AudioEncoder(nn.Module):
     """The ``audio`` batch entry ({"mel": [B,F,n_mels], "mask": [B,F]}, right-padded) -> Features.
 
@@ -53,9 +76,7 @@ class AudioEncoder(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         acfg, prep = cfg.model.audio, cfg.prep.audio
-        stages = round(math.log2(acfg.subsample)) if acfg.subsample >= 1 else -1
-        if stages < 0 or 2**stages != acfg.subsample:
-            raise ConfigError(f"model.audio.subsample: {acfg.subsample} is not a power of two (1, 2, 4, 8, ...)")
+        stages = round(math.log2(acfg.subsample))  # a power of two: AudioEncoderConfig.check
         self.width = acfg.width
         self.subsample = ConvSubsample(prep.n_mels, acfg.width, stages)
         self.max_frames = max_frames(prep)

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from codebridge.config import Config, ConfigError, ImageEncoderConfig
+from codebridge.config import HEADS_DIVIDE_WIDTH, Config, ConfigError, broken, num
 from codebridge.models.encoders import ENCODERS
 from codebridge.models.encoders.layers import Transformer
 from codebridge.models.features import Features
+
+
+@dataclass
+class ImageEncoderConfig:
+    """``model.image``; also shapes the per-frame ViT of the video encoder."""
+
+    patch_size: int = num(4, ge=1)
+    width: int = num(128, ge=1)
+    depth: int = num(4, ge=1)
+    heads: int = num(4, ge=1)
+    mlp_ratio: float = num(4.0, gt=0)
+    freeze_patch_embed: bool = False  # FDT freezes the ViT patch embedding (conv1)
+
+    def check(self) -> list[str]:
+        return broken({HEADS_DIVIDE_WIDTH: self.width % self.heads == 0})
 
 
 class VisionTransformer(nn.Module):
@@ -52,7 +69,7 @@ class VisionTransformer(nn.Module):
         return Features(tokens=tokens, mask=mask, summary=self.ln_post(x[:, 0]))
 
 
-@ENCODERS.register("image")
+@ENCODERS.register("image", config=ImageEncoderConfig)
 class ImageEncoder(nn.Module):
     """The ``image`` batch entry ({"pixels": [B,3,S,S]}) through a ViT sized by model.image and prep.image.size."""
 

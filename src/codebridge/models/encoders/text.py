@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from codebridge.config import Config
+from codebridge.config import HEADS_DIVIDE_WIDTH, Config, broken, num
 from codebridge.models.encoders import ENCODERS
 from codebridge.models.encoders.layers import Transformer, masked_mean
 from codebridge.models.features import Features
 
 
-@ENCODERS.register("text")
+@dataclass
+class TextEncoderConfig:
+    """``model.text``."""
+
+    width: int = num(128, ge=1)
+    depth: int = num(2, ge=1)
+    heads: int = num(4, ge=1)
+    mlp_ratio: float = num(4.0, gt=0)
+    causal: bool = False  # CLIP's text tower is causal and summarises at EOT; default: masked mean
+
+    def check(self) -> list[str]:
+        return broken({HEADS_DIVIDE_WIDTH: self.width % self.heads == 0})
+
+
+@ENCODERS.register("text", config=TextEncoderConfig)
 class TextEncoder(nn.Module):
     """The ``text`` batch entry ({"ids": [B,L], "mask": [B,L]}, right-padded) -> Features.
 

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from codebridge.config import Config
+from codebridge.config import Config, num
 from codebridge.models.encoders import ENCODERS
 from codebridge.models.encoders.image import VisionTransformer
 from codebridge.models.encoders.layers import Transformer
 from codebridge.models.features import Features
 
 
-@ENCODERS.register("video")
+@dataclass
+class VideoEncoderConfig:
+    """``model.video``: the frames go through a ViT shaped by ``model.image`` (own weights), then these layers."""
+
+    temporal_depth: int = num(1, ge=0)  # per-frame image encoder (ViT, own weights) + this many temporal layers
+    heads: int = num(4, ge=1)  # of the temporal layers, which run at model.image.width
+
+
+@ENCODERS.register("video", config=VideoEncoderConfig)
 class VideoEncoder(nn.Module):
     """The ``video`` batch entry ({"frames": [B,T,3,S,S]}) -> Features(tokens = frames [B,T,D], summary = mean).
 

@@ -7,15 +7,30 @@ between frames stays real motion rather than crop noise.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
 import torch
 from PIL import Image
 
-from codebridge.config import ImagePrep, VideoPrep
-from codebridge.data.preprocess.image import ImageProcessor
-from codebridge.data.preprocess.source import DecodeError, Source, as_file, decoding
+from codebridge.config import num
+from codebridge.data.modalities.base import Entry, Modality, register_modality
+from codebridge.data.modalities.image import ImagePrep, ImageProcessor
+from codebridge.data.modalities.source import DecodeError, Source, as_file, decoding
+
+if TYPE_CHECKING:
+    from codebridge.config import Config, PrepConfig
+    from codebridge.data.modalities.text import Tokenizer
+
+
+@dataclass
+class VideoPrep:
+    """``prep.video``; each frame is preprocessed like an image (``prep.image``) at ``size``."""
+
+    frames: int = num(8, ge=1)  # T frames sampled uniformly over the clip
+    size: int = num(32, ge=1)
 
 
 def uniform_indices(total: int, count: int) -> list[int]:
@@ -72,3 +87,42 @@ class VideoProcessor:
             aug = self.image.draw(frames.shape[2], frames.shape[1], generator)
         picked = uniform_indices(len(frames), self.prep.frames)
         return torch.stack([self.image.apply(frames[i], aug) for i in picked])
+
+    def decode(self, src: Source) -> np.ndarray:
+        return self.load(src)
+
+    def from_user(self, item: Any) -> np.ndarray:
+        """A path, bytes or RGB uint8 [T,H,W,3] frames."""
+        return item if isinstance(item, np.ndarray) else self.load(item)
+
+    def entry(self, raw: np.ndarray, train: bool, generator: torch.Generator | None = None) -> Entry:
+        return {"frames": self(raw, train, generator)}
+
+
+@register_modality
+class VideoModality(Modality):
+    """Clips: ``{"frames": [B,T,3,S,S]}`` for a per-frame ViT + temporal layers (models/encoders/video.py)."""
+
+    name = "video"
+    extensions = ("mp4", "avi", "webm", "mkv", "mov")
+    prep = VideoPrep
+    encoder = "video"
+    stream = 3  # the seed stream it always had
+
+    def processor(self, prep: PrepConfig, tokenizer: Tokenizer | None) -> VideoProcessor:
+        return VideoProcessor(prep.video, prep.image)
+
+    def thumbnail(self, raw: np.ndarray) -> Image.Image:
+        """The middle frame."""
+        return Image.fromarray(raw[len(raw) // 2])
+
+    def describe(self, cfg: Config) -> str:
+        return f"per-frame ViT + {cfg.model.video.temporal_depth} temporal layer(s), {cfg.prep.video.frames} frames"
+
+    def rules(self, cfg: Config) -> dict[str, bool]:
+        return {
+            "{prep.video.size} must be a multiple of {model.image.patch_size}": (
+                cfg.prep.video.size % cfg.model.image.patch_size == 0
+            ),
+            "{model.video.heads} must divide {model.image.width}": cfg.model.image.width % cfg.model.video.heads == 0,
+        }

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import soundfile as sf
 import torch
 
-from codebridge.config import AudioPrep
-from codebridge.data.preprocess.source import DecodeError, Source, as_file, decoding
+from codebridge.config import num
+from codebridge.data.modalities.base import Entry, Modality, register_modality
+from codebridge.data.modalities.source import DecodeError, Source, as_file, decoding
+
+if TYPE_CHECKING:
+    from codebridge.config import Config, PrepConfig
+    from codebridge.data.modalities.text import Tokenizer
 
 LOG_EPS = 1e-6
 NORM_EPS = 1e-2  # std floor of utterance normalisation (log units): a constant channel's float noise stays ~0
@@ -25,6 +33,18 @@ RATES = (1000, 768_000)  # sample rates accepted from a file header, in Hz
 SHORT_DATA = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)  # libsndfile's log of a short WAV
 STREAMING_SIZES = (0, 0xFFFFFFFF)  # data sizes of WAVs written to a pipe: unknown length, not truncated
 MAX_KERNEL = 1 << 24  # resampling filter taps (64 MiB of float32): beyond it the rate ratio is not a usable fraction
+
+
+@dataclass
+class AudioPrep:
+    """``prep.audio``."""
+
+    sample_rate: int = num(16000, ge=1)
+    n_mels: int = num(40, ge=1)
+    n_fft: int = num(400, ge=1)  # 25 ms at 16 kHz
+    hop_length: int = num(160, ge=1)  # 10 ms at 16 kHz
+    max_seconds: float = num(2.0, gt=0)
+    normalize: Literal["none", "utterance"] = "none"  # utterance: each mel channel to zero mean, unit variance per clip
 
 
 @lru_cache(maxsize=8)
@@ -142,3 +162,39 @@ class AudioProcessor:
             wave = wave * 10 ** (gain_db / 20)
         mel = log_mel(wave, self.prep)
         return normalize_utterance(mel) if self.prep.normalize == "utterance" else mel
+
+    def decode(self, src: Source) -> torch.Tensor:
+        return self.load(src)
+
+    def from_user(self, item: Any) -> torch.Tensor:
+        """A path, bytes, or a mono waveform at prep.audio.sample_rate (a 1-D array or tensor)."""
+        if isinstance(item, (np.ndarray, torch.Tensor)):
+            wave = torch.as_tensor(item, dtype=torch.float32)
+            if wave.ndim != 1:
+                raise ValueError(
+                    f"a waveform must be 1-D mono samples at prep.audio.sample_rate, got shape {tuple(wave.shape)}"
+                )
+            return wave
+        return self.load(item)
+
+    def entry(self, raw: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> Entry:
+        mel = self(raw, train, generator)
+        return {"mel": mel, "mask": torch.ones(mel.shape[0], dtype=torch.bool)}
+
+
+@register_modality
+class AudioModality(Modality):
+    """Speech and sounds: ``{"mel": [B,F,n_mels], "mask": [B,F]}`` (right-padded) for models/encoders/audio.py."""
+
+    name = "audio"
+    extensions = ("wav", "flac", "ogg", "mp3")
+    prep = AudioPrep
+    encoder = "audio"
+    stream = 2  # the seed stream it always had
+
+    def processor(self, prep: PrepConfig, tokenizer: Tokenizer | None) -> AudioProcessor:
+        return AudioProcessor(prep.audio)
+
+    def describe(self, cfg: Config) -> str:
+        enc = cfg.model.audio
+        return f"transformer width {enc.width}, depth {enc.depth} on {cfg.prep.audio.n_mels} log-mel bands"

@@ -18,13 +18,19 @@ import threading
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from codebridge.config import ImagePrep
-from codebridge.data.preprocess.source import DecodeError, Source, as_file, decoding
+from codebridge.config import broken, num
+from codebridge.data.modalities.base import Entry, Modality, register_modality
+from codebridge.data.modalities.source import DecodeError, Source, as_file, decoding
+
+if TYPE_CHECKING:
+    from codebridge.config import Config, PrepConfig
+    from codebridge.data.modalities.text import Tokenizer
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as PIL's "L" conversion
@@ -32,6 +38,22 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grey (a 32-bit "I" must hold 16-bit values)
 BIT_DEPTH_FIX = "save it with 8 or 16 bits per channel"
 _UNCHECKED_OPEN = threading.Lock()  # guards the brief lift of PIL's global pixel limit in ``_header_size``
+
+
+@dataclass
+class ImagePrep:
+    """``prep.image``; video frames use it too, at ``prep.video.size``."""
+
+    size: int = num(32, ge=1)
+    mean: tuple[float, float, float] = num((0.5, 0.5, 0.5), ge=0, le=1)
+    std: tuple[float, float, float] = num((0.5, 0.5, 0.5), gt=0)
+    background: tuple[int, int, int] = num((255, 255, 255), ge=0, le=255)  # alpha is composited on this colour
+    augment: bool = True  # train-time only: random resized crop, flip off (emoji are not mirror-symmetric), jitter
+    crop_scale: tuple[float, float] = num((0.7, 1.0), gt=0, le=1)  # (min, max) area fraction of the random crop
+    color_jitter: float = num(0.2, ge=0)
+
+    def check(self) -> list[str]:
+        return broken({"{crop_scale} must be (min, max) with min <= max": self.crop_scale[0] <= self.crop_scale[1]})
 
 
 def _header_size(file: str | io.BytesIO) -> tuple[int, int]:
@@ -206,3 +228,46 @@ class ImageProcessor:
             width, height = img.size if isinstance(img, Image.Image) else (img.shape[1], img.shape[0])
             aug = self.draw(width, height, generator)
         return self.apply(img, aug)
+
+    def decode(self, src: Source) -> np.ndarray:
+        """``load`` as a uint8 [H,W,3] array: compact and picklable (the dataset caches and ships it)."""
+        return np.asarray(self.load(src))
+
+    def from_user(self, item: Any) -> Image.Image | np.ndarray:
+        """A path, bytes, PIL image or uint8 [H,W,3] array; PIL images with alpha go through the file decoder so
+        they are composited like files."""
+        if isinstance(item, np.ndarray) or (isinstance(item, Image.Image) and item.mode == "RGB"):
+            return item
+        if isinstance(item, Image.Image):
+            buffer = io.BytesIO()
+            item.save(buffer, format="PNG")
+            item = buffer.getvalue()
+        return self.load(item)
+
+    def entry(self, raw: Image.Image | np.ndarray, train: bool, generator: torch.Generator | None = None) -> Entry:
+        return {"pixels": self(raw, train, generator)}
+
+
+@register_modality
+class ImageModality(Modality):
+    """Still images: ``{"pixels": [B,3,S,S]}`` for a ViT (models/encoders/image.py)."""
+
+    name = "image"
+    extensions = ("jpg", "jpeg", "png", "webp")
+    prep = ImagePrep
+    encoder = "image"
+    stream = 0  # the seed stream it always had
+
+    def processor(self, prep: PrepConfig, tokenizer: Tokenizer | None) -> ImageProcessor:
+        return ImageProcessor(prep.image)
+
+    def thumbnail(self, raw: np.ndarray) -> Image.Image:
+        return Image.fromarray(raw)
+
+    def describe(self, cfg: Config) -> str:
+        enc = cfg.model.image
+        return f"ViT width {enc.width}, depth {enc.depth}, patch {enc.patch_size}, input {cfg.prep.image.size}px"
+
+    def rules(self, cfg: Config) -> dict[str, bool]:
+        tiles = cfg.prep.image.size % cfg.model.image.patch_size == 0
+        return {"{prep.image.size} must be a multiple of {model.image.patch_size}": tiles}

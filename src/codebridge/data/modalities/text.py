@@ -10,18 +10,37 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from codebridge.config import ConfigError, TextPrep, from_dict, to_dict
+from codebridge.config import ConfigError, from_dict, num, to_dict
+from codebridge.data.modalities.base import Entry, Modality, register_modality
+from codebridge.data.modalities.source import DecodeError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from codebridge.config import Config, PrepConfig
+    from codebridge.data.preprocess import Preprocessors
 
 PAD, SOT, EOT, UNK = "<pad>", "<sot>", "<eot>", "<unk>"
 SPECIAL_TOKENS = (PAD, SOT, EOT, UNK)  # ids 0, 1, 2, 3: the trainer numbers them first, in this order
 TOKENIZER_FILE = "tokenizer.json"
 SETTINGS_FILE = "tokenizer_settings.json"
+
+
+@dataclass
+class TextPrep:
+    """``prep.text``: the tokenizer's settings (saved with it)."""
+
+    context_length: int = num(16, ge=2)  # <sot> and <eot> at least
+    vocab_size: int = num(2000, ge=260)  # the 256 bytes and 4 special tokens are always in the vocabulary
+    lowercase: bool = True
 
 
 def _normalizer(lowercase: bool) -> normalizers.Normalizer:
@@ -108,3 +127,61 @@ class Tokenizer:
         except (ConfigError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{directory / SETTINGS_FILE}: {exc}") from None
         return cls(HFTokenizer.from_file(str(directory / TOKENIZER_FILE)), prep)
+
+
+class TextProcessor:
+    """Captions -> ``{"ids": [L], "mask": [L]}`` with the run's tokenizer; a sample's raw text is its captions."""
+
+    def __init__(self, prep: TextPrep, tokenizer: Tokenizer | None) -> None:
+        if tokenizer is not None and tokenizer.prep != prep:
+            raise ConfigError(
+                f"prep.text {to_dict(prep)} differs from the tokenizer's settings {to_dict(tokenizer.prep)}; "
+                "train the tokenizer with the run's prep.text (or load both from the same model folder)"
+            )
+        self.prep = prep
+        self.tokenizer = tokenizer
+
+    def decode(self, captions: list[str]) -> list[str]:
+        if not captions:
+            raise DecodeError("has no caption")
+        return captions
+
+    def from_user(self, item: Any) -> list[str]:
+        if not isinstance(item, str):
+            raise TypeError(f"text inputs must be strings, got {type(item).__name__}")
+        return [item]
+
+    def entry(self, captions: list[str], train: bool, generator: torch.Generator | None = None) -> Entry:
+        """One caption: a random one at train time, the first at eval."""
+        if self.tokenizer is None:
+            raise ValueError(
+                "the text modality needs a tokenizer: "
+                "Preprocessors(prep, Tokenizer.train(all_texts(samples), prep.text))"
+            )
+        choice = int(torch.randint(len(captions), (), generator=generator)) if train else 0
+        ids, mask = self.tokenizer.encode([captions[choice]])
+        return {"ids": ids[0], "mask": mask[0]}
+
+
+@register_modality
+class TextModality(Modality):
+    """Captions: ``{"ids": [B,L], "mask": [B,L]}`` (BPE, right-padded) for models/encoders/text.py."""
+
+    name = "text"
+    webdataset_keys = ("txt",)  # read by the shard reader as one caption per line
+    prep = TextPrep
+    encoder = "text"
+    stream = 1  # the seed stream it always had
+
+    def processor(self, prep: PrepConfig, tokenizer: Tokenizer | None) -> TextProcessor:
+        return TextProcessor(prep.text, tokenizer)
+
+    def build_encoder(self, cfg: Config, preprocessors: Preprocessors) -> nn.Module:
+        """Sized by the tokenizer's real vocabulary."""
+        from codebridge.models.encoders import ENCODERS  # lazy: the encoders import this package
+
+        return ENCODERS.get(self.encoder)(cfg, vocab_size=preprocessors.tokenizer.vocab_size)
+
+    def describe(self, cfg: Config) -> str:
+        enc = cfg.model.text
+        return f"transformer width {enc.width}, depth {enc.depth}, {cfg.prep.text.context_length} tokens (BPE)"
