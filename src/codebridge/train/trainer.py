@@ -114,10 +114,11 @@ class Trainer:
         from codebridge.data.dataset import training_loader
         from codebridge.data.preprocess import Preprocessors
         from codebridge.data.sources import Problems, open_source, read_source
+        from codebridge.models.encoders.pretrained import adopt_pretrained
         from codebridge.models.model import CodeBridgeModel
 
         self.started = time.monotonic()
-        self.cfg = cfg
+        self.cfg = cfg = adopt_pretrained(cfg)  # prep.<m> from each pretrained tower's checkpoint
         self.device = device
         self.run_dir = Path(cfg.output_dir)
         self.checkpoint = find_checkpoint(self.run_dir, resume) if resume else None
@@ -166,18 +167,24 @@ class Trainer:
         barrier()
 
     def _tokenizer(self, samples: list) -> Any:
-        """The run's BPE tokenizer: from the checkpoint on resume, else trained by rank 0 and loaded by the rest."""
+        """The run's tokenizer: from the checkpoint on resume, else a pretrained text tower's own or a BPE trained
+        by rank 0, saved by rank 0 and loaded by the rest."""
         if "text" not in self.cfg.data.modalities:
             return None
         from codebridge.data.dataset import all_texts
         from codebridge.data.modalities.text import Tokenizer
+        from codebridge.models.encoders.pretrained import pretrained_sections, resolve
 
         if self.checkpoint is not None:
             return Tokenizer.load(self.checkpoint / TOKENIZER_DIR)
         folder = self.run_dir / TOKENIZER_DIR
         if rank() == 0:
+            tower = pretrained_sections(self.cfg).get("text")
             with atomic_dir(folder) as tmp:
-                Tokenizer.train(all_texts(samples), self.cfg.prep.text).save(tmp)
+                if tower is not None:
+                    Tokenizer.pretrained(resolve(tower.path, "model.text.path"), self.cfg.prep.text).save(tmp)
+                else:
+                    Tokenizer.train(all_texts(samples), self.cfg.prep.text).save(tmp)
         barrier()
         return Tokenizer.load(folder)
 
