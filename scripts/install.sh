@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything codebridge needs on a fresh Debian machine: system packages, torch (CPU) BEFORE the
-# project (an unpinned torch would pull gigabytes of CUDA wheels), then the project with its dev extra.
+# project (an unpinned torch would pull gigabytes of CUDA wheels), then the project with its dev and pretrained extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -15,4 +15,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e ".[dev]"
+python3 -m pip install -q -e ".[dev,pretrained]"

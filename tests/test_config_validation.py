@@ -19,6 +19,7 @@ import pytest
 
 from codebridge.cli import main
 from codebridge.config import (
+    Choice,
     Config,
     ConfigError,
     field_range,
@@ -42,13 +43,18 @@ class Case:
     needle: str
 
 
+def default_type(kind: Any) -> Any:
+    """A section's config type; for a ``Choice`` among encoders, its default's (the others need their key)."""
+    return kind.options()[kind.default] if isinstance(kind, Choice) else kind
+
+
 def fields_of(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, dataclasses.Field]]:
     """(dotted path, annotation, field) of every field, sections and their fields alike (a registered section
     such as ``prep.image`` comes with the field that holds the sections)."""
     hints = typing.get_type_hints(cls)
     flat = sections_field(cls)
     named = [(f.name, hints[f.name], f) for f in dataclasses.fields(cls) if f is not flat]
-    for name, tp, f in [*named, *((name, kind, flat) for name, kind in section_types(cls).items())]:
+    for name, tp, f in [*named, *((name, default_type(kind), flat) for name, kind in section_types(cls).items())]:
         path = prefix + name
         yield path, tp, f
         if dataclasses.is_dataclass(tp):

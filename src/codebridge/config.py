@@ -116,6 +116,30 @@ def section_types(cls: type) -> dict[str, type]:
     return f.metadata[SECTIONS]() if f else {}
 
 
+class Choice:
+    """A section whose config type is chosen by its ``encoder`` key (``model.text: {encoder: hf-text, ...}``):
+    ``options()`` maps each name to its config type; without the key the section is ``default``'s. A chosen
+    config type declares the key as a field (``encoder: str = "hf-text"``), so it is written back; the default's
+    type need not (its key is dropped)."""
+
+    def __init__(self, default: str, options: Callable[[], dict[str, type]], key: str = "encoder") -> None:
+        self.default, self.options, self.key = default, options, key
+
+    def __call__(self) -> Any:
+        return self.options()[self.default]()
+
+    def pick(self, value: Any, path: str) -> tuple[type, Any]:
+        """(config type, value to build it from) for a section's mapping; a ConfigError naming the choices."""
+        options = self.options()
+        name = value.get(self.key, self.default) if isinstance(value, dict) else self.default
+        if name not in options:
+            raise ConfigError(f"{path}.{self.key}: {name!r} is not allowed; expected one of {', '.join(options)}")
+        kind = options[name]
+        if isinstance(value, dict) and self.key in value and self.key not in {f.name for f in dataclasses.fields(kind)}:
+            value = {k: v for k, v in value.items() if k != self.key}
+        return kind, value
+
+
 class Sectioned:
     """Base of a config dataclass with a ``sections`` field: ``cfg.image`` reads and writes that field's
     ``"image"`` entry, and every registered section not given gets its defaults, so code reads
@@ -433,12 +457,18 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
 
     kwargs = {k: _coerce(v, hints[k], dotted(k), field_range(fields[k])) for k, v in data.items() if k in fields}
     if flat:
-        kwargs[flat.name] = {k: _coerce(v, kinds[k], dotted(k)) for k, v in data.items() if k in kinds}
+        kwargs[flat.name] = {k: _coerce_section(v, kinds[k], dotted(k)) for k, v in data.items() if k in kinds}
     obj = cls(**kwargs)
     problems = obj.check() if hasattr(obj, "check") else []
     if problems:
         raise ConfigError("; ".join(_name_fields(p, obj, path) for p in problems))
     return obj
+
+
+def _coerce_section(value: Any, kind: Any, path: str) -> Any:
+    if isinstance(kind, Choice):
+        kind, value = kind.pick(value, path)
+    return _coerce(value, kind, path)
 
 
 def _name_fields(message: str, obj: Any, path: str) -> str:
@@ -511,11 +541,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and _same_choice(merged[key], value):
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
+
+
+def _same_choice(base: dict[str, Any], top: dict[str, Any]) -> bool:
+    """Whether ``top`` merges into ``base``: a section naming its encoder replaces an inherited one that does not
+    name the same encoder (an inherited ViT's depth means nothing to a pretrained tower)."""
+    return "encoder" not in top or top["encoder"] == base.get("encoder")
 
 
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 A model folder holds ``model.safetensors`` (the state dict), ``config.json`` (the full Config, the modalities and
 the codebridge version) and the preprocessing (``preprocessing.json`` + tokenizer files): everything needed to use
-the model offline, and nothing pickled.
+the model offline, and nothing pickled. A pretrained tower adds ``pretrained/<modality>/``: its checkpoint's
+config and preprocessing files (its weights are in ``model.safetensors``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from codebridge.data.modalities.text import TOKENIZER_FILE
 from codebridge.data.preprocess import PREP_FILE, Preprocessors, Tokenizer
 from codebridge.files import atomic_path, atomic_write_json, naming_errors
 from codebridge.models.bridges import bridge_class
+from codebridge.models.encoders.pretrained import ASSETS_DIR, pretrained_sections
 from codebridge.models.features import BridgeOutput
 
 WEIGHTS_FILE = "model.safetensors"
@@ -131,6 +133,9 @@ class CodeBridgeModel(nn.Module):
         atomic_write_json(directory / CONFIG_FILE, meta)
         with naming_errors(directory):
             self.preprocessors.save(directory)
+            for m, encoder in self.encoders.items():  # pretrained towers: their config and preprocessing files
+                if hasattr(encoder, "save_assets"):
+                    encoder.save_assets(directory / ASSETS_DIR / m)
         return directory
 
     @classmethod
@@ -141,6 +146,8 @@ class CodeBridgeModel(nn.Module):
         required = [WEIGHTS_FILE, PREP_FILE, *([TOKENIZER_FILE] if "text" in modalities else [])]
         _require_files(directory, required)
         preprocessors = Preprocessors.load(directory)
+        for m, section in pretrained_sections(cfg, modalities).items():  # built from the saved copy, offline
+            section.path = str(directory / ASSETS_DIR / m)
         try:
             model = cls(cfg, modalities, preprocessors)
         except ConfigError as exc:

@@ -27,18 +27,36 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
+def lr_scales(model: nn.Module) -> dict[str, float]:
+    """Parameter name -> multiple of ``train.lr``, from every submodule with an ``lr_scales()`` (pretrained towers:
+    their ``lr_scale`` and layer-wise decay); the rest (new parameters) train at ``train.lr``."""
+    scales: dict[str, float] = {}
+    for prefix, module in model.named_modules():
+        if hasattr(module, "lr_scales"):
+            scales |= {f"{prefix}.{n}" if prefix else n: s for n, s in module.lr_scales().items()}
+    return scales
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: group 0 decays with ``cfg.weight_decay``, group 1 does not."""
+    """AdamW over the trainable parameters: group 0 decays with ``cfg.weight_decay``, group 1 does not; parameters
+    with another learning-rate scale (``lr_scales``) get groups of their own, named ``decay@SCALE``."""
     skip = no_decay_names(model)
+    scales = lr_scales(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     unknown = skip - {n for n, _ in model.named_parameters()}
     if unknown:
         raise ValueError(f"no_weight_decay() names unknown parameters: {', '.join(sorted(unknown))}")
-    groups = [
-        {"params": [p for n, p in trainable if n not in skip], "weight_decay": cfg.weight_decay, "name": "decay"},
-        {"params": [p for n, p in trainable if n in skip], "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=cfg.betas, eps=cfg.eps)
+    groups: dict[tuple[bool, float], dict[str, Any]] = {}
+    for key in [(False, 1.0), (True, 1.0)]:  # the two plain groups always come first
+        groups[key] = {"params": [], "weight_decay": 0.0 if key[0] else cfg.weight_decay, "lr_scale": 1.0}
+    for n, p in trainable:
+        key = (n in skip, scales.get(n, 1.0))
+        group = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if key[0] else cfg.weight_decay})
+        group["lr_scale"] = key[1]
+        group["params"].append(p)
+    for (no_decay, scale), group in groups.items():
+        group["name"] = ("no_decay" if no_decay else "decay") + ("" if scale == 1.0 else f"@{scale:.6g}")
+    return torch.optim.AdamW(list(groups.values()), lr=lr_at(0, cfg), betas=cfg.betas, eps=cfg.eps)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -55,7 +73,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class WarmupCosine:
-    """Sets every group's lr to ``lr_at(step)``; its whole state is the step, so it resumes from two numbers.
+    """Sets every group's lr to ``lr_at(step)`` times its ``lr_scale``; its whole state is the step, so it resumes
+    from two numbers.
 
     ``step()`` is called after each optimizer step, like torch's schedulers.
     """
@@ -68,7 +87,7 @@ class WarmupCosine:
 
     def _apply(self) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step_count, self.cfg)
+            group["lr"] = lr_at(self.step_count, self.cfg) * group.get("lr_scale", 1.0)
 
     def step(self) -> None:
         self.step_count += 1

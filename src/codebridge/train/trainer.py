@@ -113,10 +113,11 @@ class Trainer:
     def __init__(self, cfg: Config, device: torch.device, resume: str | None) -> None:
         from codebridge.data.preprocess import Preprocessors
         from codebridge.data.sources import Problems, open_source, source_for
+        from codebridge.models.encoders.pretrained import adopt_pretrained
         from codebridge.models.model import CodeBridgeModel
 
         self.started = time.monotonic()
-        self.cfg = cfg
+        self.cfg = cfg = adopt_pretrained(cfg)  # prep.<m> from each pretrained tower's checkpoint
         self.device = device
         self.run_dir = Path(cfg.output_dir)
         self.checkpoint = find_checkpoint(self.run_dir, resume) if resume else None
@@ -177,7 +178,8 @@ class Trainer:
         return training_stream(self.cfg, shards, prep, rank(), world_size(), self.state.batches, self.state.stream)
 
     def _tokenizer(self, samples: list | None) -> Any:
-        """The run's BPE tokenizer: from the checkpoint on resume, else trained by rank 0 and loaded by the rest.
+        """The run's tokenizer: from the checkpoint on resume, else a pretrained text tower's own or a BPE trained
+        by rank 0, saved by rank 0 and loaded by the rest.
         Streamed data (``samples`` None) is read once for its captions, one sample at a time; its bad rows are
         met (and counted) again by the stream."""
         if "text" not in self.cfg.data.modalities:
@@ -185,15 +187,20 @@ class Trainer:
         from codebridge.data.dataset import all_texts
         from codebridge.data.modalities.text import Tokenizer
         from codebridge.data.sources import Problems, source_for
+        from codebridge.models.encoders.pretrained import pretrained_sections, resolve
 
         if self.checkpoint is not None:
             return Tokenizer.load(self.checkpoint / TOKENIZER_DIR)
         folder = self.run_dir / TOKENIZER_DIR
         if rank() == 0:
+            tower = pretrained_sections(self.cfg).get("text")
             data = self.cfg.data
-            texts = all_texts(source_for(data.train, data, Problems(skip=True)) if samples is None else samples)
             with atomic_dir(folder) as tmp:
-                Tokenizer.train(texts, self.cfg.prep.text).save(tmp)
+                if tower is not None:
+                    Tokenizer.pretrained(resolve(tower.path, "model.text.path"), self.cfg.prep.text).save(tmp)
+                else:
+                    texts = all_texts(source_for(data.train, data, Problems(skip=True)) if samples is None else samples)
+                    Tokenizer.train(texts, self.cfg.prep.text).save(tmp)
         barrier()
         return Tokenizer.load(folder)
 

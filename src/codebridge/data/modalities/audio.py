@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 
 from codebridge.config import num
-from codebridge.data.modalities.base import Entry, Modality, register_modality
+from codebridge.data.modalities.base import Entry, Modality, encoder_name, register_modality
 from codebridge.data.modalities.source import DecodeError, Source, as_file, decoding
 
 if TYPE_CHECKING:
@@ -196,5 +196,7 @@ class AudioModality(Modality):
         return AudioProcessor(prep.audio)
 
     def describe(self, cfg: Config) -> str:
+        if encoder_name(cfg, self.name) != self.encoder:  # a pretrained tower describes itself
+            return super().describe(cfg)
         enc = cfg.model.audio
         return f"transformer width {enc.width}, depth {enc.depth} on {cfg.prep.audio.n_mels} log-mel bands"

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 
-from codebridge.config import ConfigError
+from codebridge.config import Choice, ConfigError
 from codebridge.registry import Registry
 
 if TYPE_CHECKING:
@@ -69,11 +69,11 @@ class Modality:
         """The encoder of this modality for a model with config ``cfg`` (``encoder``, registered in ENCODERS)."""
         from codebridge.models.encoders import ENCODERS  # lazy: the encoders import this package
 
-        return ENCODERS.get(self.encoder)(cfg)
+        return ENCODERS.get(encoder_name(cfg, self.name))(cfg)
 
     def describe(self, cfg: Config) -> str:
         """One line for the report: the encoder and the settings that shape it."""
-        return f"encoder {self.encoder!r}"
+        return f"encoder {encoder_name(cfg, self.name)!r}"
 
     def collate(self, entries: list[Entry]) -> Entry:
         """Items' tensors -> the batch entry: stacked, variable-length ones right-padded with zeros (masks False)."""
@@ -125,9 +125,32 @@ def prep_configs() -> dict[str, type]:
     return MODALITIES.configs()
 
 
-def encoder_configs() -> dict[str, type]:
-    """``model.<name>`` -> the config type of each registered modality's encoder (those that have one)."""
+def encoder_options(name: str) -> dict[str, type]:
+    """The encoders modality ``name`` can use -> their config types: its own (``Modality.encoder``) first, then
+    every registered encoder whose config lists the modality in ``modalities`` (e.g. the pretrained towers)."""
     from codebridge.models.encoders import ENCODERS  # lazy: the encoders import torch modules and this package
 
-    found = {name: ENCODERS.config(MODALITIES.get(name).encoder) for name in modality_names()}
-    return {name: config for name, config in found.items() if config is not None}
+    own = MODALITIES.get(name).encoder
+    found = {own: ENCODERS.config(own)}
+    found |= {enc: kind for enc, kind in ENCODERS.configs().items() if name in getattr(kind, "modalities", ())}
+    return {enc: kind for enc, kind in found.items() if kind is not None}
+
+
+def encoder_configs() -> dict[str, Any]:
+    """``model.<name>`` -> the config type of each registered modality's encoder (those that have one), or a
+    ``Choice`` among them when other registered encoders serve the modality (``model.<name>.encoder``)."""
+    found: dict[str, Any] = {}
+    for name in modality_names():
+        options = encoder_options(name)
+        own = MODALITIES.get(name).encoder
+        if len(options) > 1 and own in options:
+            found[name] = Choice(own, lambda name=name: encoder_options(name))
+        elif own in options:
+            found[name] = options[own]
+    return found
+
+
+def encoder_name(cfg: Config, name: str) -> str:
+    """The encoder modality ``name`` uses in ``cfg``: ``model.<name>.encoder`` when set, else its own."""
+    section = cfg.model.sections.get(name)
+    return getattr(section, "encoder", None) or MODALITIES.get(name).encoder

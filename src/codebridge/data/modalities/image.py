@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from codebridge.config import broken, num
-from codebridge.data.modalities.base import Entry, Modality, register_modality
+from codebridge.data.modalities.base import Entry, Modality, encoder_name, register_modality
 from codebridge.data.modalities.source import DecodeError, Source, as_file, decoding
 
 if TYPE_CHECKING:
@@ -265,9 +265,13 @@ class ImageModality(Modality):
         return Image.fromarray(raw)
 
     def describe(self, cfg: Config) -> str:
+        if encoder_name(cfg, self.name) != self.encoder:  # a pretrained tower describes itself
+            return super().describe(cfg)
         enc = cfg.model.image
         return f"ViT width {enc.width}, depth {enc.depth}, patch {enc.patch_size}, input {cfg.prep.image.size}px"
 
     def rules(self, cfg: Config) -> dict[str, bool]:
+        if encoder_name(cfg, self.name) != self.encoder:  # a pretrained tower fixes its own input size
+            return {}
         tiles = cfg.prep.image.size % cfg.model.image.patch_size == 0
         return {"{prep.image.size} must be a multiple of {model.image.patch_size}": tiles}

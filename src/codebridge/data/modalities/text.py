@@ -19,7 +19,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as HFTokenizer
 
 from codebridge.config import ConfigError, from_dict, num, to_dict
-from codebridge.data.modalities.base import Entry, Modality, register_modality
+from codebridge.data.modalities.base import Entry, Modality, encoder_name, register_modality
 from codebridge.data.modalities.source import DecodeError
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ PAD, SOT, EOT, UNK = "<pad>", "<sot>", "<eot>", "<unk>"
 SPECIAL_TOKENS = (PAD, SOT, EOT, UNK)  # ids 0, 1, 2, 3: the trainer numbers them first, in this order
 TOKENIZER_FILE = "tokenizer.json"
 SETTINGS_FILE = "tokenizer_settings.json"
+PAD_KEY = "pretrained_pad_token"  # in SETTINGS_FILE: a pretrained checkpoint's tokenizer (Tokenizer.pretrained)
 
 
 @dataclass
@@ -51,11 +52,19 @@ def _normalizer(lowercase: bool) -> normalizers.Normalizer:
 class Tokenizer:
     """Text -> (ids [B,L], mask [B,L]) with L = ``prep.context_length``; see ``train`` and ``load``."""
 
-    def __init__(self, tokenizer: HFTokenizer, prep: TextPrep) -> None:
+    def __init__(self, tokenizer: HFTokenizer, prep: TextPrep, pad_token: str | None = None) -> None:
+        """``pad_token``: a pretrained tower's tokenizer (``pretrained``), which keeps its own special tokens."""
         if prep.context_length < 2:
             raise ConfigError(f"prep.text.context_length={prep.context_length}: needs at least 2 (<sot> and <eot>)")
         self._tok = tokenizer
         self.prep = prep
+        self.pad_token = pad_token
+        if pad_token is not None:  # its own template ([CLS] text [SEP], ...), truncation keeps it
+            tokenizer.enable_truncation(prep.context_length)
+            tokenizer.enable_padding(
+                pad_id=tokenizer.token_to_id(pad_token), pad_token=pad_token, length=prep.context_length
+            )
+            return
         sot, eot = tokenizer.token_to_id(SOT), tokenizer.token_to_id(EOT)
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{SOT} $A {EOT}", special_tokens=[(SOT, sot), (EOT, eot)]
@@ -79,6 +88,18 @@ class Tokenizer:
         tok.train_from_iterator(texts, trainer)
         return cls(tok, prep)
 
+    @classmethod
+    def pretrained(cls, folder: str | Path, prep: TextPrep) -> Tokenizer:
+        """The tokenizer of a pretrained checkpoint folder (``transformers`` AutoTokenizer, fast), truncating and
+        padding to ``prep.context_length`` with the checkpoint's own padding token."""
+        from transformers import AutoTokenizer  # lazy: only pretrained towers need transformers
+
+        auto = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        pad = auto.pad_token or auto.eos_token
+        if pad is None or not getattr(auto, "is_fast", False):
+            raise ConfigError(f"{folder}: the checkpoint's tokenizer has no fast version or no padding token")
+        return cls(HFTokenizer.from_str(auto.backend_tokenizer.to_str()), prep, pad_token=pad)
+
     @property
     def vocab_size(self) -> int:
         """The real vocabulary size (may be below ``prep.vocab_size`` on a small corpus)."""
@@ -86,7 +107,8 @@ class Tokenizer:
 
     def normalize(self, text: str) -> str:
         """The text as the tokenizer sees it; ``decode(encode([t]))`` gives this back when it fits."""
-        return self._tok.normalizer.normalize_str(text)
+        normalizer = self._tok.normalizer
+        return normalizer.normalize_str(text) if normalizer is not None else text
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """<sot> tokens <eot>, truncated (keeping <eot>) and right-padded with 0 -> ids, mask (True on real)."""
@@ -112,7 +134,8 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(directory / TOKENIZER_FILE))
-        (directory / SETTINGS_FILE).write_text(json.dumps(to_dict(self.prep), indent=2))
+        settings = to_dict(self.prep) | ({PAD_KEY: self.pad_token} if self.pad_token is not None else {})
+        (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
@@ -123,10 +146,12 @@ class Tokenizer:
                     f"{directory / name} is missing; a tokenizer folder is written by Tokenizer.save"
                 )
         try:
-            prep = from_dict(TextPrep, json.loads((directory / SETTINGS_FILE).read_text()))
+            settings = json.loads((directory / SETTINGS_FILE).read_text())
+            pad = settings.pop(PAD_KEY, None) if isinstance(settings, dict) else None
+            prep = from_dict(TextPrep, settings)
         except (ConfigError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{directory / SETTINGS_FILE}: {exc}") from None
-        return cls(HFTokenizer.from_file(str(directory / TOKENIZER_FILE)), prep)
+        return cls(HFTokenizer.from_file(str(directory / TOKENIZER_FILE)), prep, pad_token=pad)
 
 
 class TextProcessor:
@@ -180,8 +205,10 @@ class TextModality(Modality):
         """Sized by the tokenizer's real vocabulary."""
         from codebridge.models.encoders import ENCODERS  # lazy: the encoders import this package
 
-        return ENCODERS.get(self.encoder)(cfg, vocab_size=preprocessors.tokenizer.vocab_size)
+        return ENCODERS.get(encoder_name(cfg, self.name))(cfg, vocab_size=preprocessors.tokenizer.vocab_size)
 
     def describe(self, cfg: Config) -> str:
+        if encoder_name(cfg, self.name) != self.encoder:  # a pretrained tower describes itself
+            return super().describe(cfg)
         enc = cfg.model.text
         return f"transformer width {enc.width}, depth {enc.depth}, {cfg.prep.text.context_length} tokens (BPE)"
