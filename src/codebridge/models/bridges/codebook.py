@@ -74,8 +74,8 @@ class CodebookConfig:
         fsq = self.quantizer == "fsq"
         return broken(
             {
-                "{fsq_levels}: every dimension needs at least 2 levels": bool(self.fsq_levels)
-                and min(self.fsq_levels) >= 2,
+                "{fsq_levels}: every dimension needs at least 3 levels": bool(self.fsq_levels)
+                and min(self.fsq_levels) >= 3,
                 "{quantizer}: fsq has its own grid; set parametrization to ema (its default), or use vq": not fsq
                 or self.parametrization == "ema",
                 "{dim}: with quantizer fsq the code dimension is len(fsq_levels); leave dim null": not fsq

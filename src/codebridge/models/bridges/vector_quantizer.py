@@ -443,7 +443,9 @@ class SimVectorQuantizer(EMAVectorQuantizer):
     @torch.no_grad()
     def _set_codes(self, index: torch.Tensor, vectors: torch.Tensor, counts: torch.Tensor) -> None:
         w = self.transform.weight.detach().to(vectors.dtype)
-        self.basis[index] = (vectors @ torch.linalg.pinv(w.T)).to(self.basis.dtype)
+        basis = self.basis.clone()  # a new tensor: this step's graph still holds the old basis for W's gradient
+        basis[index] = (vectors @ torch.linalg.pinv(w.T)).to(basis.dtype)
+        self.basis = basis
 
 
 def fsq_bound(z: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -478,8 +480,9 @@ class FiniteScalarQuantizer(EMAVectorQuantizer):
     by the straight-through estimator (or the rotation trick). Distances to the grid give CMCM's posteriors."""
 
     def __init__(self, levels: Sequence[int], *, estimator: Estimator = "ste") -> None:
-        if not levels or min(levels) < 2:
-            raise ValueError(f"FSQ needs at least one dimension and >= 2 levels per dimension, got {list(levels)}")
+        if not levels or min(levels) < 3:
+            # L = 2 has no shift that centres the bound (atanh(0.5 / 0.4995) does not exist)
+            raise ValueError(f"FSQ needs at least one dimension and >= 3 levels per dimension, got {list(levels)}")
         self.level_list = [int(v) for v in levels]
         super().__init__(
             math.prod(self.level_list),
