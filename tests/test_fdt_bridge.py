@@ -114,6 +114,7 @@ def test_loss_and_gradients_match_reference(fdt):
     assert sorted(logs) == [
         "fdt/active",
         "fdt/temperature",
+        "fdt/token_norm",
         "logit_scale",
         "loss/contrastive/audio-image",
         "loss/contrastive/audio-text",

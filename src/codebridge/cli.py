@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--window", type=float, default=0.25, help="localization: window side over image side (default 0.25)"
     )
     ev.add_argument(
+        "--fuse-on",
+        default=None,
+        metavar="VALSPEC",
+        help="retrieval with a discrete bridge: also report fused scores (continuous + w * discrete) with w chosen "
+        "on this validation spec, never on --data (keys fusion_weight, fused_*)",
+    )
+    ev.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -295,6 +302,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         window=args.window,
         overrides=args.overrides,
+        fuse_on=args.fuse_on,
     )
     text = json.dumps(metrics, indent=2)
     print(text, flush=True)  # first, so a write that fails after all still loses nothing computed

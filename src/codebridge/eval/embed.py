@@ -9,7 +9,7 @@ counting as wrong answers.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,11 +32,23 @@ def embed_dataset(
     in this process, whichever worker met it): skipping it would misalign the rows with the other modalities and
     the labels; ``evaluate_model`` leaves bad samples out before embedding when ``data.skip_bad`` is set.
     """
+    return torch.cat(
+        [
+            model.encode(modality, entry, batch_size)
+            for entry in _entries(samples, modality, model, batch_size, num_workers)
+        ]
+    )
+
+
+def _entries(
+    samples: list[Sample], modality: str, model: CodeBridgeModel, batch_size: int, num_workers: int
+) -> Iterator[dict[str, Tensor]]:
+    """The collated ``modality`` entries of ``samples``, batch by batch, with the model's eval preprocessing."""
     if not samples:
         raise ValueError(f"no samples to embed for {modality}")
     dataset = SampleDataset(samples, [modality], model.preprocessors, train=False)
     loader = build_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers, drop_last=False)
-    return torch.cat([model.encode(modality, batch[modality], batch_size) for batch in loader])
+    return (batch[modality] for batch in loader)
 
 
 @dataclass
@@ -53,10 +65,18 @@ def _keys(sample: Sample, modality: str) -> list[Hashable]:
     return list(value) if isinstance(value, list) else [value]
 
 
-def embed_items(
-    model: CodeBridgeModel, samples: list[Sample], modality: str, batch_size: int = 256, num_workers: int = 0
-) -> Items:
-    """Embeddings of the distinct items (for text: every distinct caption of every sample) and who owns them."""
+@dataclass
+class PartItems:
+    """Distinct items of one modality with the bridge's two retrieval parts (``Bridge.retrieval_parts``):
+    ``continuous[r]`` and ``discrete[r]`` belong to item r; ``rows[i]`` lists the items of sample i."""
+
+    continuous: Tensor
+    discrete: Tensor
+    rows: list[list[int]]
+
+
+def distinct_items(samples: list[Sample], modality: str) -> tuple[list[Sample], list[list[int]]]:
+    """(one sample per distinct item, holding only that item; the items of every sample)."""
     index: dict[Hashable, int] = {}
     firsts: list[Sample] = []  # the first sample holding each item, with that item as its only entry (caption)
     rows = []
@@ -71,7 +91,27 @@ def embed_items(
                 )
             own.append(index[key])
         rows.append(sorted(set(own)))
+    return firsts, rows
+
+
+def embed_items(
+    model: CodeBridgeModel, samples: list[Sample], modality: str, batch_size: int = 256, num_workers: int = 0
+) -> Items:
+    """Embeddings of the distinct items (for text: every distinct caption of every sample) and who owns them."""
+    firsts, rows = distinct_items(samples, modality)
     return Items(embed_dataset(model, firsts, modality, batch_size, num_workers), rows)
+
+
+def embed_item_parts(
+    model: CodeBridgeModel, samples: list[Sample], modality: str, batch_size: int = 256, num_workers: int = 0
+) -> PartItems:
+    """``embed_items`` with the continuous and discrete parts of each item instead of its embedding."""
+    firsts, rows = distinct_items(samples, modality)
+    parts = [
+        model.encode_parts(modality, entry, batch_size)
+        for entry in _entries(firsts, modality, model, batch_size, num_workers)
+    ]
+    return PartItems(torch.cat([c for c, _ in parts]), torch.cat([d for _, d in parts]), rows)
 
 
 def matching_pairs(a: Items, b: Items) -> Tensor:

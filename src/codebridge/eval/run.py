@@ -22,12 +22,14 @@ from codebridge.data.dataset import decodable
 from codebridge.data.sample import Sample
 from codebridge.data.sources import open_source, source_for
 from codebridge.eval.codes import evaluate_codes
-from codebridge.eval.embed import embed_dataset, embed_items, matching_pairs
+from codebridge.eval.embed import embed_dataset, embed_item_parts, embed_items, matching_pairs
+from codebridge.eval.fusion import fused_retrieval
 from codebridge.eval.linear_probe import linear_probe
 from codebridge.eval.pointing import evaluate_localization
 from codebridge.eval.retrieval import bidirectional_retrieval
 from codebridge.eval.windows import DEFAULT_WINDOW
 from codebridge.eval.zeroshot import build_classifier, names_from_meta, zeroshot_metrics
+from codebridge.models.bridges.base import Bridge
 
 if TYPE_CHECKING:
     from codebridge.models.model import CodeBridgeModel
@@ -56,6 +58,7 @@ class Job:
     train_spec: str | None = None
     artifacts: Path | None = None
     window: float = DEFAULT_WINDOW
+    fuse_on: str | None = None  # retrieval: the validation spec that chooses the fusion weight
 
     def present(self, samples: list[Sample] | None = None) -> list[str]:
         """The model's modalities that every sample has."""
@@ -140,7 +143,23 @@ def run_retrieval(job: Job) -> Metrics:
     for a, b in itertools.combinations(modalities, 2):
         pairs = matching_pairs(items[a], items[b])
         metrics |= bidirectional_retrieval(items[a].embeddings, items[b].embeddings, pairs, (a, b), chunk)
-    return metrics
+    return metrics | (run_fused(job, modalities) if job.fuse_on else {})
+
+
+def run_fused(job: Job, modalities: list[str]) -> Metrics:
+    """Fused retrieval (eval/fusion.py): the weight is chosen on ``job.fuse_on`` and applied to ``job.spec``."""
+    val_samples = read_samples(job.fuse_on, job.data, job.model)
+    missing = [m for m in modalities if m not in job.present(val_samples)]
+    if missing:
+        raise ConfigError(
+            f"--fuse-on {job.fuse_on}: not every sample has {', '.join(missing)}; it cannot choose "
+            f"the fusion weight for {job.spec}"
+        )
+
+    def parts(samples: list[Sample]) -> dict:
+        return {m: embed_item_parts(job.model, samples, m, job.batch_size, job.data.num_workers) for m in modalities}
+
+    return fused_retrieval(parts(val_samples), parts(job.samples), chunk_size=job.model.cfg.eval.chunk_size)
 
 
 def run_zeroshot(job: Job) -> Metrics:
@@ -204,6 +223,11 @@ TASKS: dict[str, Callable[[Job], Metrics]] = {
 }
 
 
+def _has_parts(model: CodeBridgeModel) -> bool:
+    """Whether the bridge gives retrieval parts (it overrides ``Bridge.retrieval_parts``); never its name."""
+    return type(model.bridge).retrieval_parts is not Bridge.retrieval_parts
+
+
 def evaluate_model(
     model: CodeBridgeModel,
     spec: str,
@@ -214,16 +238,25 @@ def evaluate_model(
     data: DataConfig | None = None,
     artifacts: Path | None = None,
     window: float = DEFAULT_WINDOW,
+    fuse_on: str | None = None,
 ) -> Metrics:
     """Metrics of ``task`` for an in-memory model on ``spec`` (read with ``data``, default the model's config).
 
     ``artifacts``: folder for figures and tables the task writes (code grids); None writes none. ``window``:
-    localization's window side over the image side (``pointing_game_windows``).
+    localization's window side over the image side (``pointing_game_windows``). ``fuse_on``: retrieval also
+    reports fused scores with the weight chosen on this validation spec (eval/fusion.py).
 
     Runs on the model's device in eval mode without gradients; call it on one rank only.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown eval task {task!r}; choose one of {', '.join(TASKS)}")
+    if fuse_on is not None and task != "retrieval":
+        raise ConfigError(f"--fuse-on chooses the weight of fused retrieval; it does not apply to the {task} task")
+    if fuse_on is not None and not _has_parts(model):
+        raise TaskNotAvailable(
+            f"fused retrieval needs a bridge with continuous and discrete parts (codebook, fdt); the "
+            f"{model.cfg.model.bridge.name} bridge has no discrete part"
+        )
     if task == "codes" and model.bridge.discrete_space() is None:
         raise TaskNotAvailable(
             f"code analysis needs a bridge with a discrete space (codes or tokens); the {model.cfg.model.bridge.name} "
@@ -233,7 +266,7 @@ def evaluate_model(
     samples = read_samples(spec, data, model)
     if not samples:
         raise ConfigError(f"{spec}: no samples to evaluate")
-    job = Job(model, spec, samples, data, batch_size, label, train_spec, artifacts, window)
+    job = Job(model, spec, samples, data, batch_size, label, train_spec, artifacts, window, fuse_on)
     with torch.no_grad():
         return TASKS[task](job)
 
@@ -248,6 +281,7 @@ def evaluate(
     artifacts: Path | None = None,
     window: float = DEFAULT_WINDOW,
     overrides: list[str] | None = None,
+    fuse_on: str | None = None,
 ) -> Metrics:
     """``codebridge eval``: load the model folder (on a GPU when there is one) and evaluate it on ``spec``, read
     with the model's data config and ``overrides`` (``data.KEY=VALUE``, see ``eval_data_config``)."""
@@ -266,4 +300,5 @@ def evaluate(
         data=data,
         artifacts=artifacts,
         window=window,
+        fuse_on=fuse_on,
     )

@@ -9,7 +9,7 @@ config and preprocessing files (its weights are in ``model.safetensors``).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,26 @@ class CodeBridgeModel(nn.Module):
         arrays/tensors); video paths, bytes or uint8 [T,H,W,3] arrays. They get the eval transforms (no
         augmentation). Runs in eval mode, restoring the mode after.
         """
+        return torch.cat(self._outputs(modality, inputs, batch_size, lambda out: out.embedding))
+
+    @torch.no_grad()
+    def encode_parts(self, modality: str, inputs: Any, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bridge's continuous [N, Ec] and discrete [N, Ed] retrieval parts (``Bridge.retrieval_parts``) of the
+        inputs ``encode`` takes, for fused retrieval (eval/fusion.py); a ValueError for a bridge without them."""
+
+        def parts(out: BridgeOutput) -> tuple[torch.Tensor, torch.Tensor]:
+            both = self.bridge.retrieval_parts(out)
+            if both is None:
+                raise ValueError(
+                    f"the {self.cfg.model.bridge.name} bridge has no discrete part to fuse with its continuous one"
+                )
+            return both
+
+        chunks = self._outputs(modality, inputs, batch_size, parts)
+        return torch.cat([c for c, _ in chunks]), torch.cat([d for _, d in chunks])
+
+    def _outputs(self, modality: str, inputs: Any, batch_size: int, view: Callable[[BridgeOutput], Any]) -> list[Any]:
+        """``view`` of the bridge output of every chunk of ``inputs``, in eval mode (restored after)."""
         if modality not in self.encoders:
             raise KeyError(f"this model has no {modality} encoder; its modalities are {self.modalities}")
         chunks = (
@@ -96,16 +116,16 @@ class CodeBridgeModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = [self._embed(modality, chunk) for chunk in chunks]
+            out = [view(self._bridge_output(modality, chunk)) for chunk in chunks]
         finally:
             self.train(was_training)
         if not out:
             raise ValueError(f"encode({modality!r}) got no inputs")
-        return torch.cat(out)
+        return out
 
-    def _embed(self, modality: str, entry: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _bridge_output(self, modality: str, entry: dict[str, torch.Tensor]) -> BridgeOutput:
         entry = {k: v.to(self.device) for k, v in entry.items()}
-        return self.bridge({modality: self.encoders[modality](entry)})[modality].embedding
+        return self.bridge({modality: self.encoders[modality](entry)})[modality]
 
     def _raw_chunks(self, modality: str, items: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
         if isinstance(items, (str, Path, bytes, Image.Image, np.ndarray, torch.Tensor)):

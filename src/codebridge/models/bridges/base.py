@@ -156,6 +156,12 @@ class Bridge(nn.Module):
         alike), the map localization draws; values at padded positions are ignored. None: not supported."""
         return None
 
+    def retrieval_parts(self, output: BridgeOutput) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(continuous [B, Ec], discrete [B, Ed]) of one modality's output, each L2-normalised, so that fused
+        retrieval can score ``cont_a . cont_b + w disc_a . disc_b`` with a weight chosen on validation data
+        (eval/fusion.py). None: the bridge has no discrete part to fuse."""
+        return None
+
     def usage(self) -> dict[str, float]:
         """Usage statistics (``namespace/statistic[/modality or pair]``) of the training forwards since the last call,
         on this rank; forwards in eval mode are not counted, so an evaluation never leaks into the training log."""

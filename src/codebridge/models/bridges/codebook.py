@@ -17,13 +17,14 @@ embeddings is ``S_cont + lambda * S_disc``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codebridge.config import BridgeConfig, num
+from codebridge.config import BridgeConfig, broken, num
 from codebridge.distributed import gather_with_grad, rank
 from codebridge.models.bridges.base import (
     BRIDGES,
@@ -33,7 +34,11 @@ from codebridge.models.bridges.base import (
     modality_pairs,
     pairwise_contrastive,
 )
-from codebridge.models.bridges.vector_quantizer import EMAVectorQuantizer
+from codebridge.models.bridges.vector_quantizer import (
+    EMAVectorQuantizer,
+    FiniteScalarQuantizer,
+    SimVectorQuantizer,
+)
 from codebridge.models.features import BridgeOutput, Features
 
 LOG_EPS = 1e-10  # CMG's log(P + 1e-10)
@@ -60,6 +65,56 @@ class CodebookConfig:
     cmcm_symmetric: bool = False  # CMG: row softmax only; True averages both directions (ours)
     mm_ema: bool = False  # CMG extension: multimodal EMA update
     cross_commitment: bool = False  # CMG extension: commit to the paired modality's codes too
+    quantizer: Literal["vq", "fsq"] = "vq"  # fsq: finite scalar quantisation, K = prod(fsq_levels), dim = len
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # Mentzer et al.'s K ~ 1000 setting
+    parametrization: Literal["ema", "simvq"] = "ema"  # vq only; simvq: codes = frozen basis x learned W
+    estimator: Literal["ste", "rotation"] = "ste"  # how gradients pass the quantisation (rotation: Fifty et al.)
+
+    def check(self) -> list[str]:
+        fsq = self.quantizer == "fsq"
+        return broken(
+            {
+                "{fsq_levels}: every dimension needs at least 3 levels": bool(self.fsq_levels)
+                and min(self.fsq_levels) >= 3,
+                "{quantizer}: fsq has its own grid; set parametrization to ema (its default), or use vq": not fsq
+                or self.parametrization == "ema",
+                "{dim}: with quantizer fsq the code dimension is len(fsq_levels); leave dim null": not fsq
+                or self.dim is None,
+                "{quantizer}: fsq learns nothing in the quantiser; turn kmeans_init, mm_ema and cross_commitment "
+                "off": not fsq or not (self.kmeans_init or self.mm_ema or self.cross_commitment),
+                "{mm_ema}: the EMA extension needs parametrization ema": not self.mm_ema
+                or self.parametrization == "ema",
+            }
+        )
+
+    @property
+    def num_codes(self) -> int:
+        """K: ``size``, or the FSQ grid's ``prod(fsq_levels)``."""
+        return math.prod(self.fsq_levels) if self.quantizer == "fsq" else self.size
+
+    def code_dim(self, embed_dim: int) -> int:
+        """The code dimension: ``len(fsq_levels)`` for FSQ, else ``dim`` (null: ``embed_dim``)."""
+        return len(self.fsq_levels) if self.quantizer == "fsq" else self.dim or embed_dim
+
+
+def build_quantizer(cb: CodebookConfig, dim: int) -> EMAVectorQuantizer:
+    """The quantiser the config asks for: EMA VQ (CMCM's), SimVQ, or FSQ."""
+    if cb.quantizer == "fsq":
+        return FiniteScalarQuantizer(cb.fsq_levels, estimator=cb.estimator)
+    kind = SimVectorQuantizer if cb.parametrization == "simvq" else EMAVectorQuantizer
+    return kind(
+        cb.size,
+        dim,
+        decay=cb.decay,
+        eps=cb.eps,
+        commitment_weight=cb.commitment_weight,
+        dead_code_threshold=cb.dead_code_threshold,
+        kmeans_init=cb.kmeans_init,
+        kmeans_iters=cb.kmeans_iters,
+        mm_ema=cb.mm_ema,
+        cross_commitment=cb.cross_commitment,
+        estimator=cb.estimator,
+    )
 
 
 def code_distribution(distances: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -139,25 +194,14 @@ class CodebookBridge(Bridge):
     def __init__(self, cfg: BridgeConfig, widths: dict[str, int]) -> None:
         super().__init__(cfg, widths)
         cb = self.cb = cfg.codebook
-        dim = cb.dim or cfg.embed_dim
+        dim = cb.code_dim(cfg.embed_dim)
         self.token_proj = nn.ModuleDict({m: nn.Linear(w, dim) for m, w in widths.items()})
         self.summary_proj = nn.ModuleDict({m: nn.Linear(w, cfg.embed_dim, bias=False) for m, w in widths.items()})
         for m, w in widths.items():
             nn.init.normal_(self.summary_proj[m].weight, std=w**-0.5)  # CLIP's projection init
         # One projection for every modality (ours): the same codes give the same discrete summary in any modality.
         self.discrete_proj = nn.Linear(dim, cfg.embed_dim, bias=False)
-        self.codebook = EMAVectorQuantizer(
-            cb.size,
-            dim,
-            decay=cb.decay,
-            eps=cb.eps,
-            commitment_weight=cb.commitment_weight,
-            dead_code_threshold=cb.dead_code_threshold,
-            kmeans_init=cb.kmeans_init,
-            kmeans_iters=cb.kmeans_iters,
-            mm_ema=cb.mm_ema,
-            cross_commitment=cb.cross_commitment,
-        )
+        self.codebook = build_quantizer(cb, dim)
         self._agreement = _Agreement()
 
     def forward(self, features: dict[str, Features], step: int = 0) -> dict[str, BridgeOutput]:
@@ -182,10 +226,11 @@ class CodebookBridge(Bridge):
                 "continuous": cont,
                 "discrete": disc,
                 "commitment": q.commitment,
+                "codebook_loss": q.codebook_loss,
             }
             outputs[m] = BridgeOutput(torch.cat([cont, fusion * disc.to(cont.dtype)], dim=-1), extras)
         if self.training:
-            self._agreement.add({m: dominant_codes(outputs[m].extras["codes"], self.cb.size) for m in names})
+            self._agreement.add({m: dominant_codes(outputs[m].extras["codes"], self.codebook.num_codes) for m in names})
         return outputs
 
     def loss(self, outputs: dict[str, BridgeOutput], step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
@@ -205,16 +250,22 @@ class CodebookBridge(Bridge):
             parts[f"loss/cmcm/{a}-{b}"] = cmcm_loss(pa, pb, cb.cmcm_margin, cb.cmcm_symmetric)
         cmcm = torch.stack([v for k, v in parts.items() if k.startswith("loss/cmcm/")]).sum()
         commitment = torch.stack([o.extras["commitment"] for o in outputs.values()]).sum()
-        total = cb.summary_weight * summary + cb.discrete_summary_weight * discrete + cb.cmcm_weight * cmcm + commitment
+        codebook = torch.stack([o.extras["codebook_loss"] for o in outputs.values()]).sum()
+        total = cb.summary_weight * summary + cb.discrete_summary_weight * discrete + cb.cmcm_weight * cmcm
+        total = total + commitment + codebook
         named = {"loss/summary": summary, "loss/discrete": discrete, "loss/cmcm": cmcm, "loss/commitment": commitment}
+        if self.codebook.trained_codes:
+            named["loss/codebook"] = codebook
         return total, detached(named | parts | {"logit_scale": scale})
 
     @classmethod
     def describe(cls, cfg: BridgeConfig) -> str:
         cb = cfg.codebook
+        kind = "FSQ" if cb.quantizer == "fsq" else "SimVQ" if cb.parametrization == "simvq" else "VQ"
+        estimator = ", rotation trick" if cb.estimator == "rotation" else ""
         return (
-            f"codebook: {cb.size} shared VQ codes (dim {cb.dim or cfg.embed_dim}), CMCM weight {cb.cmcm_weight}, "
-            f"fusion lambda {cb.fusion_lambda}"
+            f"codebook: {cb.num_codes} shared {kind} codes (dim {cb.code_dim(cfg.embed_dim)}{estimator}), "
+            f"CMCM weight {cb.cmcm_weight}, fusion lambda {cb.fusion_lambda}"
         )
 
     def _scores(self, m: str, f: Features) -> torch.Tensor:
@@ -231,7 +282,7 @@ class CodebookBridge(Bridge):
     def _counts(self, m: str, f: Features) -> torch.Tensor:
         """[B, K] positions of each input assigned to each code."""
         codes = self.discrete_space().assignments(m, f)
-        hits = F.one_hot(codes.clamp_min(0), self.cb.size) * (codes >= 0).unsqueeze(-1)
+        hits = F.one_hot(codes.clamp_min(0), self.codebook.num_codes) * (codes >= 0).unsqueeze(-1)
         return hits.sum(1)
 
     def discrete_space(self) -> DiscreteSpace:
@@ -239,7 +290,7 @@ class CodebookBridge(Bridge):
         number of positions assigned to each code."""
         return DiscreteSpace(
             unit="code",
-            vectors=self.codebook.embed,
+            vectors=self.codebook.code_vectors().detach(),
             scores=self._scores,
             weights=self._posteriors,
             mass=self._counts,
@@ -253,6 +304,16 @@ class CodebookBridge(Bridge):
         pq = torch.softmax(self._scores(query, q), -1)
         pt = torch.softmax(self._scores(target, t), -1) * t.mask.unsqueeze(-1)
         return pq @ (pt / pt.sum(1, keepdim=True).clamp_min(1e-12)).transpose(1, 2)
+
+    def retrieval_parts(self, output: BridgeOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised continuous summary and the normalised discrete summary (the two halves of the
+        embedding before ``fusion_lambda``)."""
+        return output.extras["continuous"], output.extras["discrete"]
+
+    def no_weight_decay(self) -> set[str]:
+        """SimVQ's W is the codebook: weight decay would shrink every code towards 0."""
+        names = super().no_weight_decay()
+        return names | {"codebook.transform.weight"} if isinstance(self.codebook, SimVectorQuantizer) else names
 
     def usage(self) -> dict[str, float]:
         """Over the training forwards since the last call, on this rank: ``codebook/perplexity``,

@@ -8,6 +8,7 @@ pair; there is no other loss (the sparsity constraint *is* sparsemax). See docs/
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codebridge.config import BridgeConfig, num
+from codebridge.distributed import all_reduce_mean
 from codebridge.models.bridges.base import (
     BRIDGES,
     Bridge,
@@ -49,12 +51,44 @@ class FdtConfig:
     chunk_size: int = num(8, ge=0)  # >0: memory-lean max-pool in chunks of this many tokens (bit-equal); 0: naive
     temperature_staircase: bool = True  # the authors' solver recomputes T only when step % temperature_every == 0
     sparsemax_k: int = num(64, ge=1)  # first k of top-k sparsemax; afterwards k follows the observed support
+    # decay: the authors' T0 * decay ** (step / every) with a floor; exponential / cosine: from T0 at step 0 to
+    # temperature_final at temperature_final_step (log T linear, or a cosine in log T), constant after
+    temperature_schedule: Literal["decay", "exponential", "cosine"] = "decay"
+    temperature_final: float = num(0.01, gt=0)
+    temperature_final_step: int = num(10000, ge=1)
+    learnable_scale: bool = False  # a learned factor exp(g) on the grounding (g init 0, no weight decay)
+    overuse_weight: float = num(0.0, ge=0)  # penalty on tokens whose batch-mean weight exceeds overuse_target
+    overuse_target: float = num(0.05, gt=0, le=1)
 
 
 def fdt_temperature(cfg: FdtConfig, step: int) -> float:
-    """T = max(T0 * decay ** (step / every), floor); staircase: the exponent is step // every, as in the solver."""
-    exponent = step // cfg.temperature_every if cfg.temperature_staircase else step / cfg.temperature_every
-    return max(cfg.temperature * cfg.temperature_decay**exponent, cfg.temperature_floor)
+    """The grounding temperature at ``step`` (docs/bridges-fdt.md, *Temperature schedule*).
+
+    decay: ``T = max(T0 * decay ** (step / every), floor)``; staircase: the exponent is step // every, as in the
+    authors' solver. exponential: ``log T`` falls linearly from ``log T0`` to ``log temperature_final`` over
+    ``temperature_final_step`` steps; cosine: ``log T = log Tf + (log T0 - log Tf) (1 + cos(pi p)) / 2`` with
+    ``p = step / temperature_final_step``. Both stay at ``temperature_final`` afterwards.
+    """
+    if cfg.temperature_schedule == "decay":
+        exponent = step // cfg.temperature_every if cfg.temperature_staircase else step / cfg.temperature_every
+        return max(cfg.temperature * cfg.temperature_decay**exponent, cfg.temperature_floor)
+    progress = min(max(step, 0) / cfg.temperature_final_step, 1.0)
+    if cfg.temperature_schedule == "cosine":
+        progress = (1 - math.cos(math.pi * progress)) / 2
+    start, end = math.log(cfg.temperature), math.log(cfg.temperature_final)
+    return math.exp(start + (end - start) * progress)
+
+
+def overuse_penalty(weights: torch.Tensor, target: float) -> torch.Tensor:
+    """``sum_c relu(mean_b w[b, c] - target)``: the batch-mean weight of every token above ``target``, so a token that
+    carries a large share of every input's mixture (fires for everything) is pushed down and the others take over.
+
+    The mean is over the global batch (every rank's rows, averaged without gradient), the gradient reaches this rank's
+    rows at 1/B each, so N ranks averaging their gradients equal one process on the concatenated batch.
+    """
+    local = weights.mean(0)
+    mean = local + (all_reduce_mean(local) - local).detach()
+    return torch.relu(mean - target).sum()
 
 
 def _softmax(s: torch.Tensor) -> torch.Tensor:
@@ -125,6 +159,8 @@ class FdtBridge(Bridge):
         hidden = cfg.fdt.query_hidden or cfg.fdt.dim
         self.query = nn.ModuleDict({m: query_mlp(w, hidden, cfg.fdt.dim) for m, w in widths.items()})
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        if cfg.fdt.learnable_scale:
+            self.log_grounding_scale = nn.Parameter(torch.zeros(()))
         self._activation = self._make_activation()
         self._usage = _Usage()
 
@@ -166,15 +202,22 @@ class FdtBridge(Bridge):
             self._usage.update(weights)
         return outputs
 
+    def _scaled(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores times the learned grounding scale (with ``learnable_scale``; a positive factor commutes with every
+        pooling, so scaling after the pool equals scaling every position)."""
+        if not self.fdt.learnable_scale:
+            return scores
+        return scores * self.log_grounding_scale.exp().to(scores.dtype)
+
     def _pooled_weights(self, q: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
         """[B, C] the activation of the grounding pooled over positions: each input's token weights."""
         fdt = self.fdt
         return self._activation(
-            pooled_scores(q, self.tokens, mask, temperature, fdt.pooling, fdt.pad_mode, fdt.chunk_size)
+            self._scaled(pooled_scores(q, self.tokens, mask, temperature, fdt.pooling, fdt.pad_mode, fdt.chunk_size))
         )
 
     def _token_scores(self, q: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-        return token_scores(q, self.tokens, mask, temperature, "neg_inf")
+        return self._scaled(token_scores(q, self.tokens, mask, temperature, "neg_inf"))
 
     def token_fdt_scores(self, features: dict[str, Features]) -> dict[str, torch.Tensor]:
         """Per modality the grounding s [B, T, C] at the stored temperature, before pooling (for localization).
@@ -187,13 +230,28 @@ class FdtBridge(Bridge):
     def loss(
         self, outputs: dict[str, BridgeOutput], step: int | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Sum over every present pair of the symmetric InfoNCE on the FDT embeddings (negatives from all ranks)."""
+        """Sum over every present pair of the symmetric InfoNCE on the FDT embeddings (negatives from all ranks), plus
+        ``overuse_weight`` times the ``overuse_penalty`` of every modality's weights when that weight is > 0."""
+        fdt = self.fdt
         scale = self.logit_scale()
         embeddings = {m: out.embedding for m, out in outputs.items()}
         total, parts = pairwise_contrastive(embeddings, scale, self.cfg.margin, prefix="loss/contrastive")
+        if fdt.overuse_weight > 0:
+            overuse = torch.stack(
+                [overuse_penalty(out.extras["weights"], fdt.overuse_target) for out in outputs.values()]
+            ).sum()
+            total = total + fdt.overuse_weight * overuse
+            parts["loss/overuse"] = overuse
         active = torch.stack([(out.extras["weights"] > 0).sum(-1).float().mean() for out in outputs.values()]).mean()
-        temperature = scale.new_tensor(self.temperature(step))
-        return total, detached(parts | {"logit_scale": scale, "fdt/active": active, "fdt/temperature": temperature})
+        logs = {
+            "logit_scale": scale,
+            "fdt/active": active,
+            "fdt/temperature": scale.new_tensor(self.temperature(step)),
+            "fdt/token_norm": self.tokens.detach().norm(dim=-1).mean(),
+        }
+        if fdt.learnable_scale:
+            logs["fdt/grounding_scale"] = self.log_grounding_scale.exp()
+        return total, detached(parts | logs)
 
     @classmethod
     def describe(cls, cfg: BridgeConfig) -> str:
@@ -230,9 +288,16 @@ class FdtBridge(Bridge):
         return self._position_weights(query, q) @ self._scores(target, t).transpose(1, 2)
 
     def no_weight_decay(self) -> set[str]:
-        """The authors decay the token table (it is not in their no-decay list); token_weight_decay=False opts out."""
-        names = super().no_weight_decay()
+        """The authors decay the token table (it is not in their no-decay list); token_weight_decay=False opts out.
+        The learned grounding scale is a log-scale like the logit scale: never decayed."""
+        names = super().no_weight_decay() | ({"log_grounding_scale"} if self.fdt.learnable_scale else set())
         return names if self.fdt.token_weight_decay else names | {"tokens"}
+
+    def retrieval_parts(self, output: BridgeOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FDT embedding (continuous) and the normalised token weights (discrete): the authors' evaluator also
+        scores the cosine of sparsemax weight vectors ("FDT-weight", papers.md B4)."""
+        weights = output.extras["weights"]
+        return output.embedding, F.normalize(weights.to(output.embedding.dtype), dim=-1)
 
     def usage(self) -> dict[str, float]:
         """Over the training forwards since the last call, on this rank: per modality ``fdt/{m}/used`` (fraction of
