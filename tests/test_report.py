@@ -332,6 +332,16 @@ class DevTools:
                 raise RuntimeError("chromium closed the pipe")
             self._buffer += chunk
 
+    def page_errors(self) -> list[dict[str, Any]]:
+        """Uncaught exceptions, console errors/asserts and error log entries seen so far."""
+        return [
+            e["params"]
+            for e in self.events
+            if e["method"] == "Runtime.exceptionThrown"
+            or (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
+            or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+        ]
+
     def close(self) -> None:
         try:
             self.send("Browser.close")
@@ -366,14 +376,7 @@ def open_in_chromium(page: Path, tmp_path: Path) -> tuple[list[list], list[dict]
         shot = base64.b64decode(browser.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"])
     finally:
         browser.close()
-    errors = [
-        e["params"]
-        for e in browser.events
-        if e["method"] == "Runtime.exceptionThrown"
-        or (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
-        or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
-    ]
-    return images, errors, shot, (tmp_path / "chromium.log").read_text(errors="replace")
+    return images, browser.page_errors(), shot, (tmp_path / "chromium.log").read_text(errors="replace")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")

@@ -207,13 +207,7 @@ def test_page_searches_in_headless_chromium(server, tmp_path):
         assert "type a few words" in evaluate("document.getElementById('status').textContent")
     finally:
         browser.close()
-    errors = [
-        e["params"]
-        for e in browser.events
-        if e["method"] == "Runtime.exceptionThrown"
-        or (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
-        or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
-    ]
+    errors = browser.page_errors()
     assert errors == [], errors
 
 
