@@ -9,12 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
 from codebridge.cli import main
 from codebridge.config import ConfigError
-from codebridge.search.ann import DenseIndex, brute_force, build_ann, choose
+from codebridge.search.ann import DenseIndex, brute_force, build_ann, calibrate_nprobe, choose
 from codebridge.search.index import EMBEDDINGS_FILE, INDEX_FILE, ITEMS_FILE, PARTS_DIR, build_index
 from codebridge.search.searcher import BadQuery, ModelMismatch, Searcher
 from helpers import free_port
@@ -151,6 +152,17 @@ def test_approximate_engines_recall_and_exact_scores(tmp_path, kind):
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, ref_rows, strict=True)])
     assert recall >= 0.9, recall
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ x.T, rows, 1), atol=1e-5)  # re-ranked exactly
+
+
+def test_nprobe_is_the_smallest_that_reaches_the_calibration_recall(tmp_path):
+    x = clustered(4000, 16)
+    params = build_ann(x, tmp_path, kind="ivf")
+    chosen, calibration = params["nprobe"], params["calibration"]
+    assert calibration["recall"] >= calibration["target"] == 0.95
+    if chosen > 1:  # half of it (the previous power of two) must miss the target on the same queries
+        index = faiss.read_index(str(tmp_path / "ann.faiss"))
+        lower = calibrate_nprobe(index, x, chosen // 2)
+        assert lower["calibration"]["recall"] < 0.95 and lower["nprobe"] == chosen // 2
 
 
 def test_auto_chooses_by_size():
