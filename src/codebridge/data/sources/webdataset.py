@@ -31,6 +31,7 @@ from codebridge.data.sources.spec import (
     not_utf8,
     parse_labels,
 )
+from codebridge.data.sources.tar import tar_files
 
 Members = dict[str, bytes]  # extension -> member bytes
 
@@ -65,27 +66,23 @@ def shard_paths(spec: str) -> list[Path]:
 
 
 def member_groups(path: Path) -> Iterator[tuple[str, Members]]:
-    """Member groups of one shard in order, read one group at a time (tarfile streaming: memory holds one sample).
+    """Member groups of one shard in order, read one group at a time (``tar_files``: memory holds one sample).
 
     A group is yielded once the next key starts, or, for the last one, once the end-of-archive marker is found:
     a truncated shard may end inside a sample, so the group being read when the damage shows is dropped and the
     ``tarfile.ReadError`` saying why reading stopped propagates.
     """
     group: tuple[str, Members] | None = None
-    with tarfile.open(path, "r|") as tar:
-        for member in tar:
-            key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
-            if key is None:
-                continue
-            if group is not None and group[0] != key:
-                yield group
-                group = None
-            if group is None:
-                group = (key, {})
-            group[1][ext.lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
-        end = tar.offset
-    if path.stat().st_size - end < tarfile.BLOCKSIZE:
-        raise tarfile.ReadError("the file ends without the end-of-archive marker")
+    for name, data in tar_files(path):
+        key, ext = base_plus_ext(name)
+        if key is None:
+            continue
+        if group is not None and group[0] != key:
+            yield group
+            group = None
+        if group is None:
+            group = (key, {})
+        group[1][ext.lower()] = data
     if group is not None:
         yield group
 
@@ -95,6 +92,7 @@ def read_shard(path: Path) -> Iterator[tuple[str, Sample | RowError]]:
     "corrupt shard" error whose source is the shard."""
     seen: set[str] = set()
     last: str | None = None
+    modality_of = member_extensions()
     try:
         for key, members in member_groups(path):
             source, last = f"{path}:{key}", key
@@ -103,7 +101,7 @@ def read_shard(path: Path) -> Iterator[tuple[str, Sample | RowError]]:
                 if key in seen:
                     raise RowError("malformed row", "the key appears twice; the members of a sample must be adjacent")
                 seen.add(key)
-                found = to_sample(source, key, members)
+                found = to_sample(source, key, members, modality_of)
             except RowError as error:
                 found = error
             yield source, found
@@ -159,9 +157,11 @@ def member_extensions() -> dict[str, str]:
     return {ext: name for name in media_modalities() for ext in modality(name).webdataset_keys}
 
 
-def to_sample(source: str, key: str, members: Members) -> Sample:
+def to_sample(source: str, key: str, members: Members, modality_of: dict[str, str] | None = None) -> Sample:
+    """One sample from its members; ``modality_of``: ``member_extensions()``, passed in so a shard looks the
+    registered modalities up once, not once per sample."""
     sample = Sample(key=key, source=source)
-    modality_of = member_extensions()
+    modality_of = member_extensions() if modality_of is None else modality_of
     for ext, data in members.items():
         modality = modality_of.get(ext)
         if modality is None:
