@@ -172,6 +172,13 @@ def _target(key: str) -> str:
     return f"{comparison} {_fmt(key, target)}"
 
 
+def _cache(loader: dict[str, Any]) -> str:
+    """The loader's decoded cache as recorded: a byte budget, or (runs before data.cache_mb) on/off."""
+    if "cache_mb" in loader:
+        return f"cache {loader['cache_mb']:g} MiB"
+    return f"cache {'on (unbounded)' if loader.get('cache') else 'off'}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """One row per headline figure: CPU (the targets apply to it) and, when measured, CUDA beside it."""
     runs = {name: part for name, part in (("CPU", results), ("CUDA", results.get("cuda"))) if part and "met" in part}
@@ -236,7 +243,7 @@ def details(part: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"Loader: {loader['spec']} ({loader['items']} items, batch {loader['batch_size']}, "
-        f"{loader['num_workers']} workers, cache {loader['cache_mb']:g} MiB): "
+        f"{loader['num_workers']} workers, {_cache(loader)}): "
         f"{loader['samples_per_s']:.0f} samples/s warm "
         f"(first epoch {loader['cold_epoch']['samples'] / loader['cold_epoch']['seconds']:.0f}); the emoji recipe's "
         f"clip step consumes {emoji['samples_per_s']['clip']:.0f} samples/s, the paper-scale clip step "
