@@ -11,6 +11,7 @@ message, which become the same ``OSError``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -128,3 +129,12 @@ def check_writable(path: str | Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe.touch()
         probe.unlink()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (manifests and index parts record these)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from codebridge.config import ConfigError
+from codebridge.files import atomic_path, atomic_write_json
 
 ANN_FILE = "ann.faiss"
 PARAMS_FILE = "ann.json"
@@ -102,8 +103,9 @@ def build_ann(embeddings: np.ndarray, out: Path, kind: str = "auto", seed: int =
     index.add(vectors)
     if "nprobe" in params:
         params |= calibrate_nprobe(index, vectors, params["nprobe"], seed=seed)
-    faiss.write_index(index, str(out / ANN_FILE))
-    (out / PARAMS_FILE).write_text(json.dumps(params, indent=1))
+    with atomic_path(out / ANN_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
+    atomic_write_json(out / PARAMS_FILE, params, indent=1)
     return params
 
 

@@ -1,11 +1,9 @@
-"""Index files are written atomically: a reader, or a restarted build, sees the old file or the whole new one."""
+"""Index files are written with the project's atomic writes (``codebridge.files``): a reader, or a restarted build,
+sees the old file or the whole new one, and a full disk names the file."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,41 +11,21 @@ import numpy as np
 from scipy import sparse as sp
 
 from codebridge.config import ConfigError
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: a reader (or a restart) sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+from codebridge.files import atomic_path, atomic_write_json
 
 
 def write_json(path: Path, value: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=1)))
+    atomic_write_json(path, value, indent=1)
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:
-            np.save(f, array)
-
-    atomic_write(path, write)
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.save(f, array)
 
 
 def save_sparse(path: Path, matrix: sp.spmatrix) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:  # a file object: save_npz would add ".npz" to the temporary name
-            sp.save_npz(f, matrix)
-
-    atomic_write(path, write)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    with atomic_path(path) as tmp, tmp.open("wb") as f:  # a file object: save_npz would add ".npz" to the name
+        sp.save_npz(f, matrix)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

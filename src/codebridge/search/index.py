@@ -42,10 +42,11 @@ from codebridge.data.sample import Sample
 from codebridge.data.sources import open_source
 from codebridge.data.sources.spec import media_modalities
 from codebridge.eval.codes import code_table, collect
+from codebridge.files import atomic_write_text, sha256_file
 from codebridge.models.model import CONFIG_FILE, WEIGHTS_FILE, CodeBridgeModel
 from codebridge.search.ann import build_ann
 from codebridge.search.encode import encode_entry, has_codes
-from codebridge.search.files import atomic_write, read_json, save_npy, save_sparse, sha256_file, write_json
+from codebridge.search.files import read_json, save_npy, save_sparse, write_json
 from codebridge.search.sparse import SparseIndex
 
 BUILD_FILE = "build.json"
@@ -245,7 +246,7 @@ def merge_parts(
         rows += record["items"]
     embeddings = np.concatenate(vectors).astype(np.float32)
     save_npy(out / EMBEDDINGS_FILE, embeddings)
-    atomic_write(out / ITEMS_FILE, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    atomic_write_text(out / ITEMS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
     params = build_ann(embeddings, out, kind=ann)
     if codes:
         SparseIndex(sp.vstack(codes), words()).save(out)

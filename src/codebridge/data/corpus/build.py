@@ -29,14 +29,14 @@ from codebridge.data.corpus.plan import (
 from codebridge.data.corpus.raster import render
 from codebridge.data.corpus.sets import SETS, TEXT, ArtSet, select
 from codebridge.data.emoji.concepts import load_concepts
-from codebridge.data.emoji.manifest import MANIFEST, check_build, sha256, write_manifest
+from codebridge.data.emoji.manifest import MANIFEST, check_build, write_manifest
 from codebridge.data.emoji.npm import PACKAGES, Pin, fetch_package, missing_packages, require_tools
 from codebridge.data.emoji.parallel import Pool
 from codebridge.data.emoji.records import write_jsonl
 from codebridge.data.sample import Sample
 from codebridge.data.shard import write_samples
 from codebridge.data.sources.webdataset import MediaBytes
-from codebridge.files import atomic_write_json
+from codebridge.files import atomic_write_json, sha256_file
 from codebridge.lock import folder_lock
 from codebridge.paths import codebridge_home
 
@@ -230,7 +230,7 @@ def _build(
         },
         "licenses": licenses,
         "checksums": {
-            rel: sha256(root / rel) for rel in sorted([*(str(p.relative_to(root)) for p in written), *TABLES])
+            rel: sha256_file(root / rel) for rel in sorted([*(str(p.relative_to(root)) for p in written), *TABLES])
         },
     }
     write_manifest(root, manifest)

@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from codebridge.files import atomic_write_json
+from codebridge.files import atomic_write_json, sha256_file
 
 VERSION = 2  # bump when the builder's output changes, so older builds are rebuilt instead of trusted
 TABLES = ("concepts.jsonl", "images.jsonl", "speech.jsonl", "scenes.jsonl", "clips.jsonl", "splits.json")
 MANIFEST = "manifest.json"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checksums(root: Path, relpaths: list[str], progress: bool = True) -> dict[str, str]:
     """relpath -> sha256, sorted by path so the manifest is byte-identical across equal builds."""
-    return {
-        rel: sha256(root / rel) for rel in tqdm(sorted(relpaths), desc="checksums", unit="file", disable=not progress)
-    }
+    files = tqdm(sorted(relpaths), desc="checksums", unit="file", disable=not progress)
+    return {rel: sha256_file(root / rel) for rel in files}
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
@@ -62,6 +52,6 @@ def check_build(
     if missing:
         return None, f"{len(missing)} file(s) missing, e.g. {missing[0]}"
     for table in sums if rehash is None else rehash:
-        if table not in sums or sha256(root / table) != sums[table]:
+        if table not in sums or sha256_file(root / table) != sums[table]:
             return None, f"{table} differs from its checksum in {MANIFEST}"
     return manifest, ""
