@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from codebridge.train.parallel import GradientSync
+from codebridge.train.parallel import GradientSync, shutdown_distributed
 from perf_measure import interleaved_times, machine, median
 from perf_step import QUICK_SCALE, build_runs
 
@@ -59,11 +59,20 @@ def _worker(rank: int, init_file: str, overrides: list[str], threads: int, repea
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        cpu = torch.device("cpu")
-        steps: dict[str, Callable[[], None]] = {}
+        _time_variants(rank, overrides, repeats, out)
+    finally:
+        shutdown_distributed()  # the variants' DDP wrappers died with _time_variants' frame, as they must
+
+
+def _time_variants(rank: int, overrides: list[str], repeats: int, out: str) -> None:
+    cpu = torch.device("cpu")
+    steps: dict[str, Callable[[], None]] = {}
+    syncs: list[GradientSync] = []
+    try:
         for name, (mode, static_graph) in VARIANTS.items():
             run = build_runs("emoji-clip", overrides, ("clip",), cpu)["clip"]
             run.sync = GradientSync(run.model, mode, static_graph=static_graph)
+            syncs.append(run.sync)
             steps[name] = run
         steps["allreduce"] = _allreduce(run.model)
         times = interleaved_times(steps, cpu, repeats, warmup=1)
@@ -78,8 +87,9 @@ def _worker(rank: int, init_file: str, overrides: list[str], threads: int, repea
                 "batch_size_per_process": len(run.batch["index"]),
             }
             Path(out).write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    finally:  # an exception's traceback would keep this frame (and the wrappers) alive past the group
+        for sync in syncs:
+            sync.close()
 
 
 def measure(overrides: list[str], threads: int, repeats: int) -> dict[str, Any]:

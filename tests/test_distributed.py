@@ -21,7 +21,7 @@ from codebridge.data.preprocess import Preprocessors, Tokenizer
 from codebridge.distributed import all_reduce_mean, rank
 from codebridge.models.model import CodeBridgeModel
 from codebridge.train import train
-from codebridge.train.parallel import GradientSync, barrier, init_distributed
+from codebridge.train.parallel import GradientSync, barrier, init_distributed, shutdown_distributed
 from codebridge.train.trainer import Trainer
 from helpers import free_port
 from test_trainer import one_thread, shapes, tiny_config  # noqa: F401  (fixtures)
@@ -95,7 +95,7 @@ def _worker(rank: int, world: int, init_file: str, dirs: list[Path], batch: dict
                     tensors = {k: v.contiguous() for k, v in result.items()}
                     save_file(tensors, str(out / f"{model_dir.name}-{mode}.safetensors"))
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def test_two_processes_match_one_on_the_concatenated_batch(tmp_path: Path) -> None:
@@ -129,7 +129,7 @@ def _train_worker(rank: int, world: int, init_file: str, configs: list[Config]) 
         for cfg in configs:
             _RecordingTrainer(cfg, torch.device("cpu"), None).run()
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def test_codebook_is_identical_on_every_rank_after_each_step(shapes: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811

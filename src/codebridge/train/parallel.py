@@ -18,6 +18,7 @@ negatives with gradient (``codebridge.distributed``) inside the same backward pa
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import os
 from typing import Any, Literal
@@ -55,7 +56,15 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[torch.device, bool]
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group, after every DDP wrapper is gone.
+
+    A DDP reducer holds the process group; if it outlives ``destroy_process_group``, its deallocation runs the gloo
+    group's destructor with the GIL held, which joins worker threads that may be waiting for the GIL to free a
+    finished collective's tensors: a deadlock at exit (pytorch/pytorch#56297). Close every ``GradientSync`` first;
+    the collection here reaps wrappers kept only by reference cycles, while the group is still registered.
+    """
     if is_distributed():
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -163,6 +172,10 @@ class GradientSync:
             return self.ddp(batch, step)
         with self.ddp.no_sync():  # DDP decides in its forward whether the backward communicates
             return self.ddp(batch, step)
+
+    def close(self) -> None:
+        """Drop the DDP wrapper (and its reducer's hold on the process group) before the group is destroyed."""
+        self.ddp = None
 
     def finish(self) -> None:
         """After the step's last backward: gradients are the mean over ranks from here on."""

@@ -250,6 +250,7 @@ class Trainer:
         finally:
             bar.close()
             self.log.close()
+            self.grad_sync.close()
         return self.run_dir
 
     def _batches(self) -> Any:
