@@ -3,26 +3,36 @@
 Writes ``docs/results/bridges.json`` keyed bridge -> suite -> OpenCLIP-style metric name (plus the budget and the
 command used) and ``docs/results/bridges.md`` with the table. Run:
 
-    python benchmarks/bridges.py --bridges clip codebook fdt --minutes 10
+    python benchmarks/bridges.py --bridges clip codebook fdt --minutes 10 --seeds 0 1 2
 
-Each (bridge, task) pair is one training run of at most ``--minutes`` wall-clock minutes and ``--steps`` steps,
-whichever ends first; the run folders are kept under ``--runs``.
+Each (bridge, task, seed) is one training run of at most ``--minutes`` wall-clock minutes and ``--steps`` steps,
+whichever ends first; the run folders are kept under ``--runs``. A "bridge" is a recipe variant: ``clip`` trains
+``configs/emoji-clip.yaml``, ``clip-minilm`` trains ``configs/emoji-clip-minilm.yaml`` (task suffixes apply).
+
+Seeds: each cell keeps every seed's figures (``per_seed``); its plain metrics are their mean and ``std`` their
+sample standard deviation. A difference between two cells is called a win only when it exceeds two standard
+deviations of the difference, sqrt(std_a^2 + std_b^2) (what one more run of each would scatter by); with fewer
+than two seeds per cell nothing is called a win.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from codebridge.config import load_config
 from codebridge.eval.run import evaluate
+from codebridge.files import atomic_write_text
 from codebridge.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,11 +57,12 @@ TASKS: dict[str, tuple[str, list[str], list[tuple[str, str, str]]]] = {
 USAGE_PREFIXES = ("usage/", "fdt/", "codebook/", "agreement")
 
 
-def run_task(bridge: str, task: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def run_task(bridge: str, task: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     suffix, task_overrides, evals = TASKS[task]
-    out_dir = args.runs / f"{bridge}-{task}"
+    out_dir = args.runs / f"{bridge}-{task}-seed{seed}"
     overrides = [
         f"output_dir={out_dir}",
+        f"seed={seed}",
         f"train.max_minutes={args.minutes}",
         f"train.steps={args.steps}",
         "train.eval_every=0",
@@ -122,10 +133,74 @@ TABLE_METRICS = [
 ]
 
 
-def _cell(value: float | None) -> str:
+def add_seed(cell: dict[str, Any], seed: int, metrics: dict[str, float]) -> None:
+    """Record one seed's figures in a result cell and recompute the cell's means and standard deviations."""
+    per_seed = cell.setdefault("per_seed", {})
+    per_seed[str(seed)] = {**per_seed.get(str(seed), {}), **metrics}
+    names = {name for figures in per_seed.values() for name in figures}
+    std: dict[str, float] = {}
+    for name in sorted(names):
+        values = [figures[name] for figures in per_seed.values() if name in figures]
+        cell[name] = statistics.fmean(values)
+        if len(values) > 1:
+            std[name] = statistics.stdev(values)
+    cell["std"] = std
+    cell["n_seeds"] = len(per_seed)
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], metric: str) -> tuple[float, float | None, str]:
+    """Difference of cell ``a`` over cell ``b`` in ``metric``, the standard deviation of that difference (None with
+    fewer than two seeds on either side) and the verdict: "win", "loss" or "within noise"."""
+    diff = a[metric] - b[metric]
+    if a.get("n_seeds", 1) < 2 or b.get("n_seeds", 1) < 2:
+        return diff, None, "one seed: no verdict"
+    sd = math.hypot(a["std"].get(metric, 0.0), b["std"].get(metric, 0.0))
+    if abs(diff) > 2 * sd:
+        return diff, sd, "win" if diff > 0 else "loss"
+    return diff, sd, "within noise"
+
+
+def _cell(cell: dict[str, Any], metric: str) -> str:
+    value = cell.get(metric)
     if value is None:
         return "n/a"
-    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.3f}"
+    text = f"{value:.0f}" if abs(value) >= 10 else f"{value:.3f}"
+    if metric in cell.get("std", {}):
+        spread = cell["std"][metric]
+        text += f" ± {spread:.0f}" if abs(value) >= 10 else f" ± {spread:.3f}"
+    return text
+
+
+# (suite, metric) pairs where every other bridge is compared with the baseline in the "wins" table
+VERDICTS = [("emoji-style", "text_to_image_R@1"), ("emoji-concept", "text_to_image_R@1")]
+BASELINE = "clip"
+
+
+def verdict_lines(results: dict[str, Any], bridges: list[str]) -> list[str]:
+    rows = []
+    for suite, metric in VERDICTS:
+        base = results.get(BASELINE, {}).get(suite)
+        if not base or metric not in base:
+            continue
+        for b in bridges:
+            cell = results[b].get(suite)
+            if b == BASELINE or not cell or metric not in cell:
+                continue
+            diff, sd, verdict = compare(cell, base, metric)
+            seeds = f"{cell.get('n_seeds', 1)} / {base.get('n_seeds', 1)}"
+            sd_text = "n/a" if sd is None else f"{sd:.3f}"
+            rows.append(f"| {suite} | {metric} | {b} - {BASELINE} | {diff:+.3f} | {sd_text} | {seeds} | {verdict} |")
+    if not rows:
+        return []
+    return [
+        "",
+        f"Against {BASELINE}: a difference is a win only beyond 2 standard deviations of the difference",
+        "(sqrt(std_a^2 + std_b^2) over seeds).",
+        "",
+        "| suite | metric | cells | difference | std of difference | seeds | verdict |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def write_table(results: dict, path: Path) -> None:
@@ -134,8 +209,9 @@ def write_table(results: dict, path: Path) -> None:
     lines = [
         "# Bridges on the emoji benchmark",
         "",
-        f"One training run per bridge and task on {meta['machine']}; each cell's own budget, minutes and steps are",
-        "in bridges.json (`budget_minutes`, `train_minutes`, `train_steps`). Commands, in order:",
+        f"Training runs on {meta['machine']}; a cell is the mean ± standard deviation over its seeds (no ± : one",
+        "seed). Each cell's seeds, budget, minutes and steps are in bridges.json (`per_seed`, `n_seeds`,",
+        "`budget_minutes`, `train_minutes`, `train_steps`). Commands, in order:",
         "",
         *(f"- `{c}`" for c in meta["commands"]),
         "",
@@ -143,16 +219,18 @@ def write_table(results: dict, path: Path) -> None:
         "|---|---|" + "---|" * len(bridges),
     ]
     for suite, metric in TABLE_METRICS:
-        cells = []
-        for b in bridges:
-            cells.append(_cell(results[b].get(suite, {}).get(metric)))
+        cells = [_cell(results[b].get(suite, {}), metric) for b in bridges]
         lines.append(f"| {suite} | {metric} | " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    lines += verdict_lines(results, bridges)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bridges", nargs="+", default=["clip", "codebook", "fdt"])
+    parser.add_argument(
+        "--bridges", nargs="+", default=["clip", "codebook", "fdt"], help="recipe variants: emoji-NAME.yaml each"
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per seed and cell")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget per training run")
     parser.add_argument("--steps", type=int, default=3000, help="step cap per training run")
@@ -173,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for bridge in args.bridges:
         for task in args.tasks:
-            for suite, metrics in run_task(bridge, task, args).items():
-                results.setdefault(bridge, {}).setdefault(suite, {}).update(metrics)
-            args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
-            write_table(results, args.out.with_suffix(".md"))
+            for seed in args.seeds:
+                for suite, metrics in run_task(bridge, task, seed, args).items():
+                    add_seed(results.setdefault(bridge, {}).setdefault(suite, {}), seed, metrics)
+                atomic_write_text(args.out, json.dumps(results, indent=2, sort_keys=True))
+                write_table(results, args.out.with_suffix(".md"))
     print(args.out.with_suffix(".md").read_text())
     return 0
 
