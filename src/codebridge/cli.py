@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--max-samples", type=int, default=5000, help="validation items to search (default 5000)")
 
     _add_search_parsers(sub)
+    _add_convert_parsers(sub)
 
     demo = sub.add_parser(
         "demo",
@@ -186,6 +187,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-root", type=Path, default=None, help="codebridge home holding emoji/ (default ~/.cache)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return parser
+
+
+def _add_convert_parsers(sub: argparse._SubParsersAction) -> None:
+    convert = sub.add_parser("convert", help="convert other libraries' checkpoints into pretrained towers")
+    convert_sub = convert.add_subparsers(dest="convert_command", required=True, metavar="FORMAT")
+    openclip = convert_sub.add_parser(
+        "openclip",
+        help="an OpenCLIP ViT checkpoint -> a transformers CLIP folder (hf-vision / hf-text)",
+        description="Rename the keys of an OpenCLIP checkpoint (a ViT image tower and OpenCLIP's text transformer;\n"
+        "ResNet, timm or Hugging Face towers, CoCa and SigLIP are refused) into a transformers CLIPModel folder\n"
+        "with its image preprocessing and, from CLIP's BPE file, its tokenizer. open_clip is not imported.",
+        epilog="example:\n"
+        "  codebridge convert openclip --checkpoint open_clip_pytorch_model.bin "
+        "--config open_clip/model_configs/ViT-B-32.json --bpe bpe_simple_vocab_16e6.txt.gz --out towers/vit-b-32\n"
+        "then: model.image: {encoder: hf-vision, path: towers/vit-b-32}, "
+        "model.text: {encoder: hf-text, path: towers/vit-b-32}\n"
+        "The BPE file ships in the open_clip_torch wheel: pip install --no-deps open_clip_torch makes it found "
+        "without --bpe.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    openclip.add_argument(
+        "--checkpoint", required=True, type=Path, help="state dict: .safetensors, or .pt/.bin (torch.save)"
+    )
+    openclip.add_argument(
+        "--config",
+        required=True,
+        type=Path,
+        help="OpenCLIP's model config JSON (open_clip/model_configs/NAME.json, or the hub's open_clip_config.json)",
+    )
+    openclip.add_argument(
+        "--bpe", type=Path, default=None, help="CLIP's bpe_simple_vocab_16e6.txt.gz (default: open_clip_torch's)"
+    )
+    openclip.add_argument("--out", required=True, type=Path, help="folder to write (replaced as a whole)")
 
 
 def _add_search_parsers(sub: argparse._SubParsersAction) -> None:
@@ -386,6 +420,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from codebridge.models.encoders.openclip_convert import convert
+
+    if not convert(args.checkpoint, args.config, args.out, bpe=args.bpe):
+        print(
+            f"note: no tokenizer written (no --bpe, open_clip_torch not installed): {args.out} serves hf-vision "
+            "only; for hf-text rerun with --bpe bpe_simple_vocab_16e6.txt.gz or pip install --no-deps open_clip_torch",
+            file=sys.stderr,
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from codebridge.demo import run_demo
 
@@ -400,6 +447,7 @@ COMMANDS = {
     "localize": _cmd_localize,
     "report": _cmd_report,
     "demo": _cmd_demo,
+    "convert": _cmd_convert,
     "index": _cmd_index,
     "search": _cmd_search,
     "serve": _cmd_serve,

@@ -32,6 +32,7 @@ PAD, SOT, EOT, UNK = "<pad>", "<sot>", "<eot>", "<unk>"
 SPECIAL_TOKENS = (PAD, SOT, EOT, UNK)  # ids 0, 1, 2, 3: the trainer numbers them first, in this order
 TOKENIZER_FILE = "tokenizer.json"
 SETTINGS_FILE = "tokenizer_settings.json"
+PRETRAINED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 PAD_KEY = "pretrained_pad_token"  # in SETTINGS_FILE: a pretrained checkpoint's tokenizer (Tokenizer.pretrained)
 
 
@@ -94,11 +95,23 @@ class Tokenizer:
         padding to ``prep.context_length`` with the checkpoint's own padding token."""
         from transformers import AutoTokenizer  # lazy: only pretrained towers need transformers
 
+        present = [name for name in PRETRAINED_TOKENIZER_FILES if (Path(folder) / name).is_file()]
+        if not present:  # AutoTokenizer would build an empty tokenizer from config.json alone, silently
+            raise ConfigError(
+                f"{folder}: no tokenizer files ({', '.join(PRETRAINED_TOKENIZER_FILES[:3])}, ...); a text tower "
+                "needs its checkpoint's tokenizer (for an OpenCLIP conversion: codebridge convert openclip --bpe)"
+            )
         auto = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         pad = auto.pad_token or auto.eos_token
         if pad is None or not getattr(auto, "is_fast", False):
             raise ConfigError(f"{folder}: the checkpoint's tokenizer has no fast version or no padding token")
-        return cls(HFTokenizer.from_str(auto.backend_tokenizer.to_str()), prep, pad_token=pad)
+        backend = HFTokenizer.from_str(auto.backend_tokenizer.to_str())
+        suffix = getattr(backend.model, "end_of_word_suffix", None)
+        if suffix and backend.decoder is not None:  # CLIP's BPE marks word ends ("red</w>"): decode them as spaces
+            backend.decoder = decoders.Sequence(
+                [backend.decoder, decoders.Replace(suffix, " "), decoders.Strip(" ", 0, 1)]
+            )
+        return cls(backend, prep, pad_token=pad)
 
     @property
     def vocab_size(self) -> int:
