@@ -123,7 +123,7 @@ def with_element(f: dataclasses.Field, count: int | None, value: Any) -> Any:
     """``value`` as the field's value, or as the first element of its default tuple/list."""
     if count is None:
         return value
-    default = list(f.default) if f.default is not dataclasses.MISSING else [value] * count
+    default = list(f.default) if f.default not in (dataclasses.MISSING, None) else [value] * count
     return [value, *default[1:]] if default else [value]
 
 

@@ -31,7 +31,7 @@ def build(modality: str, cfg: Config | None = None, **kwargs):
 
 
 def test_registry_has_every_modality():
-    assert ENCODERS.names() == ["audio", "hf-text", "hf-vision", "image", "text", "video"]
+    assert ENCODERS.names() == ["audio", "hf-audio", "hf-text", "hf-video", "hf-vision", "image", "text", "video"]
 
 
 def test_image_shapes():

@@ -19,16 +19,20 @@ def grey_levels(count: int) -> list[int]:
     return [20 + 20 * k for k in range(count)]
 
 
-def write_mp4(path: Path, count: int, size: int = 32) -> None:
-    """``count`` flat grey frames, frame k at level 20 + 20k, so each decoded frame tells its index."""
+def write_frames(path: Path, frames: list[np.ndarray]) -> None:
+    """An H.264 MP4 (10 fps, near lossless) of RGB uint8 [H,W,3] frames."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=10)
-        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
-        stream.options = {"crf": "10", "threads": "1"}
-        for level in grey_levels(count):
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), level, dtype=np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt, stream.options = "yuv420p", {"crf": "10", "threads": "1"}
+        for rgb in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
         container.mux(stream.encode())
+
+
+def write_mp4(path: Path, count: int, size: int = 32) -> None:
+    """``count`` flat grey frames, frame k at level 20 + 20k, so each decoded frame tells its index."""
+    write_frames(path, [np.full((size, size, 3), level, dtype=np.uint8) for level in grey_levels(count)])
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Audio preprocessing in torch: decode (soundfile), mono mixdown, band-limited resampling, log-mel features.
+"""Audio preprocessing in torch: decode (soundfile), mono mixdown, band-limited resampling, then log-mel features
+or (``prep.audio.features: waveform``, for pretrained speech towers) the waveform itself.
 
 ``log_mel`` uses a centred STFT (reflect padding), so a clip of N samples gives ``N // hop_length + 1`` frames;
 the audio encoder sizes its positions from the same formula.
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 LOG_EPS = 1e-6
 NORM_EPS = 1e-2  # std floor of utterance normalisation (log units): a constant channel's float noise stays ~0
+WAVE_VAR_EPS = 1e-7  # variance floor of waveform normalisation, as transformers' Wav2Vec2FeatureExtractor
 ZERO_CROSSINGS = 16  # half-width of the resampling kernel, in zero crossings of its sinc
 ROLLOFF = 0.95  # lowpass cutoff as a fraction of the lower Nyquist frequency
 MAX_GAIN_DB = 6.0  # train-time random gain range (+-)
@@ -44,7 +46,9 @@ class AudioPrep:
     n_fft: int = num(400, ge=1)  # 25 ms at 16 kHz
     hop_length: int = num(160, ge=1)  # 10 ms at 16 kHz
     max_seconds: float = num(2.0, gt=0)
-    normalize: Literal["none", "utterance"] = "none"  # utterance: each mel channel to zero mean, unit variance per clip
+    # utterance: each mel channel (waveform: the samples) to zero mean, unit variance per clip
+    normalize: Literal["none", "utterance"] = "none"
+    features: Literal["log-mel", "waveform"] = "log-mel"  # waveform: the samples, for a pretrained tower (hf-audio)
 
 
 @lru_cache(maxsize=8)
@@ -132,8 +136,16 @@ def normalize_utterance(mel: torch.Tensor) -> torch.Tensor:
     return centred / centred.std(dim=0, unbiased=False, keepdim=True).clamp_min(NORM_EPS)
 
 
+def normalize_waveform(wave: torch.Tensor) -> torch.Tensor:
+    """[N] -> zero mean, unit variance over the clip: what a speech checkpoint's feature extractor does when its
+    ``do_normalize`` is true (transformers' ``zero_mean_unit_var_norm``, before any padding)."""
+    centred = wave - wave.mean()
+    return centred / torch.sqrt(centred.square().mean() + WAVE_VAR_EPS)
+
+
 class AudioProcessor:
-    """Decode audio files and turn waveforms into log-mel features [F, n_mels], at most ``max_seconds`` long."""
+    """Decode audio files and turn waveforms into log-mel features [F, n_mels] (``prep.features: waveform``: the
+    samples [N]), at most ``max_seconds`` long."""
 
     def __init__(self, prep: AudioPrep) -> None:
         self.prep = prep
@@ -151,8 +163,8 @@ class AudioProcessor:
             return resample(torch.from_numpy(data).mean(dim=1), rate, self.prep.sample_rate)
 
     def __call__(self, wave: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Crop to ``max_seconds`` (random window at train, the start at eval), random gain at train, log-mel,
-        then ``prep.audio.normalize``."""
+        """Crop to ``max_seconds`` (random window at train, the start at eval), random gain at train, log-mel
+        (unless ``prep.audio.features`` is waveform), then ``prep.audio.normalize``."""
         start = 0
         if train and wave.numel() > self.max_samples:
             start = int(torch.randint(wave.numel() - self.max_samples + 1, (), generator=generator))
@@ -160,6 +172,8 @@ class AudioProcessor:
         if train:
             gain_db = MAX_GAIN_DB * (2 * torch.rand((), generator=generator).item() - 1)
             wave = wave * 10 ** (gain_db / 20)
+        if self.prep.features == "waveform":
+            return normalize_waveform(wave) if self.prep.normalize == "utterance" else wave
         mel = log_mel(wave, self.prep)
         return normalize_utterance(mel) if self.prep.normalize == "utterance" else mel
 
@@ -178,13 +192,15 @@ class AudioProcessor:
         return self.load(item)
 
     def entry(self, raw: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> Entry:
-        mel = self(raw, train, generator)
-        return {"mel": mel, "mask": torch.ones(mel.shape[0], dtype=torch.bool)}
+        x = self(raw, train, generator)
+        key = "waveform" if self.prep.features == "waveform" else "mel"
+        return {key: x, "mask": torch.ones(x.shape[0], dtype=torch.bool)}
 
 
 @register_modality
 class AudioModality(Modality):
-    """Speech and sounds: ``{"mel": [B,F,n_mels], "mask": [B,F]}`` (right-padded) for models/encoders/audio.py."""
+    """Speech and sounds: ``{"mel": [B,F,n_mels], "mask": [B,F]}`` (right-padded) for models/encoders/audio.py, or
+    ``{"waveform": [B,N], "mask": [B,N]}`` (``prep.audio.features: waveform``) for a pretrained tower (hf_audio.py)."""
 
     name = "audio"
     extensions = ("wav", "flac", "ogg", "mp3")
@@ -200,3 +216,10 @@ class AudioModality(Modality):
             return super().describe(cfg)
         enc = cfg.model.audio
         return f"transformer width {enc.width}, depth {enc.depth} on {cfg.prep.audio.n_mels} log-mel bands"
+
+    def rules(self, cfg: Config) -> dict[str, bool]:
+        own = encoder_name(cfg, self.name) == self.encoder
+        return {
+            "{prep.audio.features} needs a pretrained speech tower (model.audio.encoder: hf-audio); "
+            "the audio encoder reads log-mel": not own or cfg.prep.audio.features == "log-mel"
+        }

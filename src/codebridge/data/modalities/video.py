@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from codebridge.config import num
-from codebridge.data.modalities.base import Entry, Modality, register_modality
+from codebridge.data.modalities.base import Entry, Modality, encoder_name, register_modality
 from codebridge.data.modalities.image import ImagePrep, ImageProcessor
 from codebridge.data.modalities.source import DecodeError, Source, as_file, decoding
 
@@ -27,10 +27,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class VideoPrep:
-    """``prep.video``; each frame is preprocessed like an image (``prep.image``) at ``size``."""
+    """``prep.video``; each frame is preprocessed like an image (``prep.image``) at ``size``, normalised with
+    ``mean``/``std`` when set (a pretrained frame tower's own, hf-video), else with ``prep.image``'s."""
 
     frames: int = num(8, ge=1)  # T frames sampled uniformly over the clip
     size: int = num(32, ge=1)
+    mean: tuple[float, float, float] | None = num(None, ge=0, le=1)
+    std: tuple[float, float, float] | None = num(None, gt=0)
 
 
 def uniform_indices(total: int, count: int) -> list[int]:
@@ -62,7 +65,8 @@ class VideoProcessor:
 
     def __init__(self, prep: VideoPrep, image: ImagePrep) -> None:
         self.prep = prep
-        self.image = ImageProcessor(dataclasses.replace(image, size=prep.size))
+        own = {key: value for key in ("mean", "std") if (value := getattr(prep, key)) is not None}
+        self.image = ImageProcessor(dataclasses.replace(image, size=prep.size, **own))
 
     def load(self, src: Source) -> np.ndarray:
         """Every frame of the first video stream as RGB uint8 [T_all,H,W,3]; any failure, and a frame larger than
@@ -117,9 +121,13 @@ class VideoModality(Modality):
         return Image.fromarray(raw[len(raw) // 2])
 
     def describe(self, cfg: Config) -> str:
+        if encoder_name(cfg, self.name) != self.encoder:  # a pretrained tower describes itself
+            return super().describe(cfg)
         return f"per-frame ViT + {cfg.model.video.temporal_depth} temporal layer(s), {cfg.prep.video.frames} frames"
 
     def rules(self, cfg: Config) -> dict[str, bool]:
+        if encoder_name(cfg, self.name) != self.encoder:  # a pretrained frame tower fixes its own input size
+            return {}
         return {
             "{prep.video.size} must be a multiple of {model.image.patch_size}": (
                 cfg.prep.video.size % cfg.model.image.patch_size == 0

@@ -16,6 +16,6 @@ from codebridge.registry import Registry
 ENCODERS: Registry[Callable[..., nn.Module]] = Registry("encoder")
 
 # Importing the modules registers them; they import ENCODERS from here, so this comes after its definition.
-from codebridge.models.encoders import audio, hf_text, hf_vision, image, text, video  # noqa: E402
+from codebridge.models.encoders import audio, hf_audio, hf_text, hf_video, hf_vision, image, text, video  # noqa: E402
 
-__all__ = ["ENCODERS", "audio", "hf_text", "hf_vision", "image", "text", "video"]
+__all__ = ["ENCODERS", "audio", "hf_audio", "hf_text", "hf_video", "hf_vision", "image", "text", "video"]

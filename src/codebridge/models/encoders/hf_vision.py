@@ -1,5 +1,6 @@
 """Pretrained image towers from ``transformers``: ViT and the CLIP/SigLIP vision towers, selected with
-``model.image: {encoder: hf-vision, path: ...}``; ``prep.image`` size, mean and std come from the checkpoint."""
+``model.image: {encoder: hf-vision, path: ...}``; ``prep.image`` size, mean and std come from the checkpoint.
+hf_video.py runs the same tower on every frame of a clip."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from codebridge.config import Config
 from codebridge.models.encoders import ENCODERS
 from codebridge.models.encoders.layers import masked_mean
 from codebridge.models.encoders.pretrained import (
+    PREPROCESSOR_FILE,
     PretrainedConfig,
     PretrainedTower,
     adopt_prep,
@@ -25,7 +27,6 @@ from codebridge.models.encoders.pretrained import (
 from codebridge.models.features import Features
 
 SUMMARISED_BY_POOLER = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")  # auto pooling: pooler_output
-PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 def _classes() -> dict[str, Any]:
@@ -69,13 +70,16 @@ class HFVisionEncoder(PretrainedTower):
     layer (class/register tokens dropped), all valid; summary = the pooler output (CLIP/SigLIP), the class token
     (``cls``, ViT's auto) or the mean of the patches."""
 
+    modality: ClassVar[str] = "image"  # whose config section and prep the tower takes
+
     def __init__(self, cfg: Config) -> None:
-        section: HFVisionConfig = cfg.model.image
-        folder = resolve(section.path, "model.image.path")
-        require_prep(cfg, "image", *checkpoint_prep(folder))
-        model = load_tower(folder, _classes(), "vision_config", "model.image.path")
+        m = self.modality
+        section: PretrainedConfig = getattr(cfg.model, m)
+        folder = resolve(section.path, f"model.{m}.path")
+        require_prep(cfg, m, *checkpoint_prep(folder))
+        model = load_tower(folder, _classes(), "vision_config", f"model.{m}.path")
         super().__init__(section, folder, model, model.config.hidden_size)
-        check_layer(section, self.depth, "model.image")
+        check_layer(section, self.depth, f"model.{m}")
         self.model_type = model.config.model_type
         self.patches = (model.config.image_size // model.config.patch_size) ** 2
 
@@ -84,10 +88,14 @@ class HFVisionEncoder(PretrainedTower):
         adopt_prep(cfg, modality, *checkpoint_prep(folder))
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> Features:
+        return self.encode_pixels(inputs["pixels"])
+
+    def encode_pixels(self, pixels: torch.Tensor) -> Features:
+        """[B,3,S,S] normalised pixels -> the Features of each image."""
         pooling = self.section.pooling
         if pooling == "auto":
             pooling = "pooler" if self.model_type in SUMMARISED_BY_POOLER else "cls"
-        out = self.hf(pixel_values=inputs["pixels"], output_hidden_states=self.section.layer != -1)
+        out = self.hf(pixel_values=pixels, output_hidden_states=self.section.layer != -1)
         x = self.hidden(out)
         tokens = x[:, x.shape[1] - self.patches :]
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)

