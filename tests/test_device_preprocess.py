@@ -132,3 +132,16 @@ def test_saved_model_encodes_files_and_eval_batches_like_the_float_path(files: l
     entry = collate([dataset[i] for i in range(len(files))])["image"]
     assert entry["pixels"].dtype == torch.uint8 and "jitter" not in entry
     torch.testing.assert_close(loaded.encode("image", entry), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_training_loader_prefetches_with_workers_and_pins_for_a_gpu(files: list[str]) -> None:
+    cfg = small_config()
+    cfg.train.batch_size, cfg.data.num_workers, cfg.data.prefetch = 2, 1, 3
+    samples = [Sample(f, f, {"image": f, "text": [c]}) for f, c in zip(files, CAPTIONS, strict=True)]
+    prep = Preprocessors(cfg.prep, Tokenizer.train(CAPTIONS, cfg.prep.text))
+    workers = training_loader(cfg, samples, prep, pin_memory=True)._loader
+    assert (workers.prefetch_factor, workers.pin_memory, workers.persistent_workers) == (3, True, True)
+    cfg.data.num_workers = 0  # torch refuses a prefetch factor without workers: it is left out, not an error
+    inline = training_loader(cfg, samples, prep)._loader
+    assert (inline.prefetch_factor, inline.pin_memory) == (None, False)
+    assert next(iter(inline))[0]["image"]["pixels"].dtype == torch.uint8
