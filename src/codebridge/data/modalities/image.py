@@ -218,6 +218,11 @@ def finish_entry(entry: Entry, key: str, prep: ImagePrep) -> Entry:
     return {key: normalise(entry[key], entry.get("jitter"), prep)}
 
 
+def finish_item(entry: Entry, key: str, prep: ImagePrep) -> torch.Tensor:
+    """One item's CPU-half entry finished here, as a batch of one: the float tensor its encoder gets."""
+    return finish_entry({k: v[None] for k, v in entry.items()}, key, prep)[key][0]
+
+
 class ImageProcessor:
     """Decode and preprocess images to uint8 [3, S, S] (S = ``prep.size``); ``normalise`` finishes them."""
 
@@ -259,8 +264,7 @@ class ImageProcessor:
     ) -> torch.Tensor:
         """One RGB image (PIL or uint8 [H,W,3]) through both halves, on the CPU: -> FloatTensor[3,S,S] as the
         encoder gets it; augmented only when ``train`` and ``prep.augment``."""
-        entry = self.entry(img, train, generator)
-        return normalise(entry["pixels"][None], entry["jitter"][None] if "jitter" in entry else None, self.prep)[0]
+        return finish_item(self.entry(img, train, generator), "pixels", self.prep)
 
     def decode(self, src: Source) -> np.ndarray:
         """``load`` as a uint8 [H,W,3] array: compact and picklable (the dataset caches and ships it)."""

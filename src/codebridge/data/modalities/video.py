@@ -18,7 +18,7 @@ from PIL import Image
 
 from codebridge.config import num
 from codebridge.data.modalities.base import Entry, Modality, register_modality
-from codebridge.data.modalities.image import ImagePrep, ImageProcessor, finish_entry, normalise, with_jitter
+from codebridge.data.modalities.image import ImagePrep, ImageProcessor, finish_entry, finish_item, with_jitter
 from codebridge.data.modalities.source import DecodeError, Source, as_file, decoding
 
 if TYPE_CHECKING:
@@ -84,9 +84,7 @@ class VideoProcessor:
 
     def __call__(self, frames: np.ndarray, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """One clip through both halves, on the CPU: -> FloatTensor[T,3,S,S] as the encoder gets it."""
-        entry = self.entry(frames, train, generator)
-        factors = entry["jitter"][None] if "jitter" in entry else None
-        return normalise(entry["frames"][None], factors, self.image.prep)[0]
+        return finish_item(self.entry(frames, train, generator), "frames", self.image.prep)
 
     def decode(self, src: Source) -> np.ndarray:
         return self.load(src)
