@@ -87,7 +87,7 @@ def measure(preset: Preset, device: torch.device) -> dict[str, Any]:
     raw["steps"] = run_steps(None, preset.step_overrides, ("clip", "codebook", "fdt"), device, preset.step_repeats)
     raw["emoji_step"] = run_steps(preset.emoji_recipe, preset.emoji_overrides, ("clip",), device, preset.step_repeats)
     raw["fdt_layer"] = run_fdt_layer(preset.layer, device, preset.layer_repeats)
-    raw["loader"] = run_loader(preset.emoji_recipe, preset.loader_overrides)
+    raw["loader"] = run_loader(preset.emoji_recipe, preset.loader_overrides, device)
     raw["retrieval"] = run_retrieval(preset.retrieval_items, preset.retrieval_dim, preset.retrieval_chunk, device)
     # the matmul reference is taken at both ends of the run, so a change of load during it shows in its spread
     raw["matmul"]["seconds"] += matmul_times(device, preset.matmul_size, preset.matmul_repeats - 2)

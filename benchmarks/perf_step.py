@@ -113,14 +113,18 @@ def tokenizer_for(cfg: Config) -> Tokenizer:
 
 
 def synthetic_batch(cfg: Config, tokenizer: Tokenizer, size: int, device: torch.device) -> dict[str, Any]:
-    """A batch in the collate contract: random pixels and tokenized random captions."""
+    """A batch in the collate contract as the training loader delivers it: random uint8 pixels with jitter factors
+    (the model finishes them on its device, inside the timed step) and tokenized random captions."""
     g = torch.Generator().manual_seed(2)
     side = cfg.prep.image.size
     ids, mask = tokenizer.encode(synthetic_captions(size, seed=3))
     batch = {
         "index": torch.arange(size),
         "labels": {},
-        "image": {"pixels": torch.randn(size, 3, side, side, generator=g)},
+        "image": {
+            "pixels": torch.randint(0, 256, (size, 3, side, side), dtype=torch.uint8, generator=g),
+            "jitter": 0.8 + 0.4 * torch.rand(size, 3, generator=g),
+        },
         "text": {"ids": ids, "mask": mask},
     }
     return _to(batch, device)

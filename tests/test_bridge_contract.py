@@ -232,7 +232,7 @@ def test_save_load_round_trip(name: str, tmp_path: Path) -> None:
     model.eval()
     torch.testing.assert_close(loaded.encode("text", CAPTIONS), model.encode("text", CAPTIONS), rtol=0, atol=0)
     with torch.no_grad():
-        text, image = (loaded.encoders[m]({k: v for k, v in batch[m].items()}) for m in ("text", "image"))
+        text, image = (loaded.features(m, batch[m]) for m in ("text", "image"))
         sim = loaded.bridge.affinity("text", text, "image", image)
         if sim is not None:
             torch.testing.assert_close(sim, model.bridge.affinity("text", text, "image", image), rtol=0, atol=0)

@@ -78,8 +78,7 @@ def old_usage_counts(model, samples, batch_size: int) -> tuple[str, dict[str, np
         dataset = SampleDataset(samples, [modality], model.preprocessors, train=False)
         total = np.zeros(size)
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-            entry = {k: v.to(model.device) for k, v in batch[modality].items()}
-            output = model.bridge({modality: model.encoders[modality](entry)})[modality]
+            output = model.bridge({modality: model.features(modality, batch[modality])})[modality]
             if key == "codes":
                 codes = output.extras["codes"]
                 total += torch.bincount(codes[codes >= 0].flatten().cpu(), minlength=size).double().numpy()

@@ -176,11 +176,11 @@ def test_cache_keeps_decoded_inputs(samples: list[Sample], prep: Preprocessors, 
     Image.new("RGB", (8, 8), (10, 200, 30)).save(image)
     one = [Sample(key="0", source="x.csv:2", media={"image": str(image), "text": ["a"]})]
     cached, uncached = dataset(one, prep, ("image",), cache_mb=1), dataset(one, prep, ("image",))
-    first = cached[0]["image"]["pixels"]
+    first = cached[0]["image"]["jitter"]  # a flat colour: the crop changes nothing, the jitter draw does
     uncached[0]
     image.unlink()  # later epochs must not need the file again
     cached.set_epoch(1)
-    assert not torch.equal(cached[0]["image"]["pixels"], first)  # re-augmented from the cached array
+    assert not torch.equal(cached[0]["image"]["jitter"], first)  # re-augmented from the cached array
     with pytest.raises(BadSampleError, match="does not exist"):
         uncached[0]
 

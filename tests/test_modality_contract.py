@@ -254,11 +254,14 @@ def test_collate_pads_and_masks_and_the_encoder_keeps_its_contract(name: str, re
             for row, e in enumerate(entries):  # each item unchanged in its own part, zeros (False) after
                 assert torch.equal(value[row, : e[key].shape[0]], e[key])
                 assert not value[row, e[key].shape[0] :].any()
+    finished = spec.on_device(batch, cfg.prep)  # what the model does on its device before the encoder
+    for key, value in spec.on_device(finished, cfg.prep).items():  # and only once: a finished entry stays as it is
+        assert torch.equal(value, finished[key])
     torch.manual_seed(0)
     encoder = spec.build_encoder(cfg, prep).eval()
     with torch.no_grad():
-        together = encoder(batch)
-        alone = [encoder(spec.collate([e])) for e in entries]
+        together = encoder(finished)
+        alone = [encoder(spec.on_device(spec.collate([e]), cfg.prep)) for e in entries]
     assert together.tokens.shape[:2] == together.mask.shape and together.tokens.shape[2] == encoder.width
     assert together.summary.shape == (2, encoder.width) and together.mask.dtype == torch.bool
     for row, single in enumerate(alone):  # padding never changes an item's summary

@@ -115,3 +115,12 @@ def test_conflicting_frame_preprocessing_is_named(clips, tmp_path: Path) -> None
         train(video_config(clips, tmp_path / "a", tower, "prep.video.std=[0.2, 0.2, 0.2]"))
     with pytest.raises(ConfigError, match=r"prep.video.size=24 conflicts with the pretrained tower's 16"):
         train(video_config(clips, tmp_path / "b", tower, "prep.video.size=24"))
+
+
+def test_frames_are_normalised_on_the_device_with_the_towers_mean_and_std() -> None:
+    from codebridge.data.modalities.base import MODALITIES
+
+    prep = load_config(None, ["prep.video.mean=[0.4, 0.4, 0.4]", "prep.video.std=[0.3, 0.3, 0.3]"]).prep
+    frames = torch.randint(0, 256, (2, 3, 3, 8, 8), dtype=torch.uint8)
+    out = MODALITIES.get("video").on_device({"frames": frames}, prep)["frames"]
+    torch.testing.assert_close(out, (frames.float() / 255 - 0.4) / 0.3)

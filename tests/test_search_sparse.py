@@ -30,7 +30,7 @@ def brute_force_codes(model_dir, modality, items) -> np.ndarray:
     model = CodeBridgeModel.load(model_dir)
     entry = prepare_batch(model.preprocessors, modality, items)
     with torch.no_grad():
-        features = model.encoders[modality](entry)
+        features = model.features(modality, entry)
         mass = model.bridge.discrete_space().mass(modality, features).double()
     return (mass / mass.norm(dim=-1, keepdim=True)).numpy()
 

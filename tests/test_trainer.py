@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,3 +209,23 @@ def test_bad_train_settings_name_the_field(shapes: dict[str, Path], tmp_path: Pa
     with pytest.raises(ConfigError, match=r"train\.accum_steps: 0 is out of range; expected an integer >= 1"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # inductor generates and builds C++ for each tower: about a minute of CPU when its cache is cold
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor on CPU needs a C++ compiler")
+def test_compiled_towers_train_like_eager_ones(shapes: dict[str, Path], tmp_path: Path) -> None:
+    """train.compile (inductor, real code generation; tests/test_compile.py checks the same at dynamo + AOT
+    autograd level in seconds) gives the eager losses step by step, and a model folder that
+    loads into an eager model with the same weights (Module.compile keeps the parameter names)."""
+    settings = ("train.steps=4", "train.log_every=1", "train.checkpoint_every=0", "data.val=null")
+    eager = read_metrics(train(tiny_config(shapes, tmp_path / "eager", *settings)))
+    compiled_run = train(tiny_config(shapes, tmp_path / "compiled", *settings, "train.compile=true"))
+    compiled = read_metrics(compiled_run)
+    assert [r["step"] for r in compiled] == [1, 2, 3, 4]
+    for a, b in zip(eager, compiled, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
+    eager_state = load_file(tmp_path / "eager" / "model" / "model.safetensors")
+    compiled_state = CodeBridgeModel.load(compiled_run / "model").state_dict()
+    assert set(compiled_state) == set(eager_state)
+    for name, value in compiled_state.items():
+        torch.testing.assert_close(value, eager_state[name], rtol=1e-3, atol=1e-4)

@@ -216,6 +216,7 @@ class DataConfig:
     modalities: list[str] = field(default_factory=lambda: ["image", "text"])
     skip_bad: bool = False  # skip (and count, and log) unreadable samples instead of stopping
     num_workers: int = num(0, ge=0)
+    prefetch: int = num(2, ge=1)  # batches each DataLoader worker prepares ahead (prefetch_factor); 0 workers: unused
     cache_mb: float = num(0.0, ge=0)  # map-style data: MiB of decoded inputs kept (per worker) so epochs skip decoding
     shuffle_buffer: int = num(1000, ge=0)  # streamed shards: samples held to shuffle within shards (0 or 1: none)
     resampled: bool = False  # streamed shards drawn with replacement, endless; an epoch is data.epoch_samples
@@ -292,6 +293,7 @@ class TrainConfig:
     grad_clip: float = num(1.0, ge=0)  # 0: off
     accum_steps: int = num(1, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # torch.compile each encoder (inductor; on CPU it needs a C++ compiler)
     grad_sync: Literal["overlap", "manual"] = "overlap"  # overlap: DDP during backward; manual: one all-reduce after
     log_every: int = num(10, ge=1)
     eval_every: int = num(0, ge=0)  # 0: only at the end

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from codebridge.data.modalities import modality
 from codebridge.models.model import CodeBridgeModel, prepare_batch
 
 PAD_ID = 0
@@ -60,7 +61,10 @@ class Preprocess:
         self.prep = model.preprocessors
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return prepare_batch(self.prep, "image", [image])["pixels"][0]
+        """Both halves of the image preprocessing here (the loader's uint8 crop, then ``on_device``), since OpenCLIP
+        tools stack and move these tensors themselves; the model takes float pixels as already normalised."""
+        entry = prepare_batch(self.prep, "image", [image])
+        return modality("image").on_device(entry, self.prep.prep)["pixels"][0]
 
 
 class OpenCLIPTokenizer:

@@ -286,6 +286,17 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
             yield [(self.epoch, i) for i in indices[b * self.batch_size : (b + 1) * self.batch_size]]
 
 
+def loader_options(num_workers: int, prefetch: int, pin_memory: bool) -> dict[str, Any]:
+    """The DataLoader keywords that keep a GPU fed: ``num_workers`` processes decode ahead, each ``prefetch``
+    batches in advance (torch refuses a prefetch factor without workers), and with ``pin_memory`` batches land in
+    page-locked memory so the trainer's ``non_blocking`` copy to the GPU runs asynchronously."""
+    return {
+        "num_workers": num_workers,
+        "prefetch_factor": prefetch if num_workers > 0 else None,
+        "pin_memory": pin_memory,
+    }
+
+
 class Loader:
     """Batches of a SampleDataset; each ``for batch in loader`` is one epoch, the next loop the next epoch.
 
@@ -293,10 +304,18 @@ class Loader:
     batches are never decoded. ``epoch`` is the epoch of the latest loop. Bad samples (with ``skip_bad``) are
     recorded in ``dataset.bad`` in this process, whichever worker met them; a batch of only bad samples is left out.
     ``position`` counts the batches consumed since step 0, left-out ones included: the ``start_step`` that resumes
-    right after the last batch handed out.
+    right after the last batch handed out. ``prefetch`` and ``pin_memory``: see ``loader_options``.
     """
 
-    def __init__(self, dataset: SampleDataset, batches: EpochBatches, num_workers: int, start_step: int) -> None:
+    def __init__(
+        self,
+        dataset: SampleDataset,
+        batches: EpochBatches,
+        num_workers: int,
+        start_step: int,
+        prefetch: int = 2,
+        pin_memory: bool = False,
+    ) -> None:
         self.dataset = dataset
         self._batches = batches
         self._next_epoch, self._first = divmod(start_step, len(batches))
@@ -306,8 +325,8 @@ class Loader:
             _EpochItems(dataset),
             batch_sampler=batches,
             collate_fn=_collate_keeping_bad,
-            num_workers=num_workers,
             persistent_workers=num_workers > 0,  # workers keep their decoded-input caches across epochs
+            **loader_options(num_workers, prefetch, pin_memory),
             generator=torch.Generator().manual_seed(batches.seed),  # leave the global RNG alone
         )
 
@@ -355,6 +374,8 @@ def build_loader(
     world_size: int = 1,
     start_step: int = 0,
     name: str = "the dataset",
+    prefetch: int = 2,
+    pin_memory: bool = False,
 ) -> Loader:
     """A deterministic (seed, epoch) -> order loader over this rank's shard; see ``Loader`` and ``EpochBatches``.
     ``name`` is how an error calls the data (``data.train train.csv``)."""
@@ -370,7 +391,7 @@ def build_loader(
                 else f"lower train.batch_size (e.g. --set train.batch_size={len(dataset) // world_size}) or add data"
             )
         )
-    return Loader(dataset, batches, num_workers, start_step)
+    return Loader(dataset, batches, num_workers, start_step, prefetch, pin_memory)
 
 
 class _Probe(Dataset):
@@ -408,9 +429,16 @@ def decodable(
 
 
 def training_loader(
-    cfg: Config, samples: list[Sample], prep: Preprocessors, rank: int = 0, world_size: int = 1, start_step: int = 0
+    cfg: Config,
+    samples: list[Sample],
+    prep: Preprocessors,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
+    pin_memory: bool = False,
 ) -> Loader:
-    """The loader a training run uses (augmented, cached within data.cache_mb, shuffled, full batches).
+    """The loader a training run uses (augmented, cached within data.cache_mb, shuffled, full batches;
+    ``pin_memory`` when the model is on a GPU).
 
     Why here: the trainer and the loader benchmark must measure the same loader.
     """
@@ -429,4 +457,6 @@ def training_loader(
         world_size=world_size,
         start_step=start_step,
         name=f"data.train {data.train}",
+        prefetch=data.prefetch,
+        pin_memory=pin_memory,
     )

@@ -29,7 +29,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from codebridge.config import Config, ConfigError
-from codebridge.data.dataset import Item, SampleDataset, _Bad, _collate_keeping_bad, derive_seed, with_hint
+from codebridge.data.dataset import (
+    Item,
+    SampleDataset,
+    _Bad,
+    _collate_keeping_bad,
+    derive_seed,
+    loader_options,
+    with_hint,
+)
 from codebridge.data.preprocess import Preprocessors
 from codebridge.data.sample import BadSampleError, Sample
 from codebridge.data.sources.spec import RowError
@@ -163,7 +171,7 @@ def _collate_stream(elements: list[Element]) -> tuple[dict[str, Any] | None, lis
 class StreamLoader:
     """Batches of a ``ShardStream``; like ``dataset.Loader``: each ``for batch in loader`` is one epoch, ``epoch``
     the epoch of the latest loop, ``position`` the batches consumed since step 0, ``dataset.bad`` the bad samples.
-    ``state()`` is the resume position (``saved`` restores one)."""
+    ``state()`` is the resume position (``saved`` restores one). ``prefetch``, ``pin_memory``: ``loader_options``."""
 
     def __init__(
         self,
@@ -173,8 +181,11 @@ class StreamLoader:
         drop_last: bool,
         batches: int = 0,
         saved: dict[str, Any] | None = None,
+        prefetch: int = 2,
+        pin_memory: bool = False,
     ) -> None:
         self.stream, self.dataset = stream, stream.prep
+        self.options = loader_options(num_workers, prefetch, pin_memory)
         self.batch_size, self.num_workers, self.drop_last = batch_size, num_workers, drop_last
         self.position = batches
         self._next = StreamPosition.start(stream.workers, saved)
@@ -194,7 +205,7 @@ class StreamLoader:
             batch_size=self.batch_size,
             drop_last=self.drop_last,
             collate_fn=_collate_stream,
-            num_workers=self.num_workers,
+            **self.options,
         )
         return self._batches(loader)
 
@@ -224,8 +235,10 @@ def training_stream(
     world_size: int = 1,
     batches: int = 0,
     saved: dict[str, Any] | None = None,
+    pin_memory: bool = False,
 ) -> StreamLoader:
-    """The loader a training run on shards uses (augmented, shuffled, full batches), from the run's config.
+    """The loader a training run on shards uses (augmented, shuffled, full batches; ``pin_memory`` when the model
+    is on a GPU), from the run's config.
     ``batches`` and ``saved``: the resume position (``TrainState.batches`` and ``StreamLoader.state()``)."""
     data, batch_size = cfg.data, cfg.train.batch_size
     workers = max(data.num_workers, 1)
@@ -250,4 +263,13 @@ def training_stream(
         quota=quota,
         name=f"data.train {data.train}",
     )
-    return StreamLoader(stream, batch_size, data.num_workers, drop_last=True, batches=batches, saved=saved)
+    return StreamLoader(
+        stream,
+        batch_size,
+        data.num_workers,
+        drop_last=True,
+        batches=batches,
+        saved=saved,
+        prefetch=data.prefetch,
+        pin_memory=pin_memory,
+    )

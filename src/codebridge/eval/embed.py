@@ -47,7 +47,15 @@ def _entries(
     if not samples:
         raise ValueError(f"no samples to embed for {modality}")
     dataset = SampleDataset(samples, [modality], model.preprocessors, train=False)
-    loader = build_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers, drop_last=False)
+    loader = build_loader(
+        dataset,
+        batch_size,
+        shuffle=False,
+        seed=0,
+        num_workers=num_workers,
+        drop_last=False,
+        pin_memory=model.device.type == "cuda",
+    )
     return (batch[modality] for batch in loader)
 
 

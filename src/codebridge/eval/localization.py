@@ -55,7 +55,7 @@ def encode_features(model: CodeBridgeModel, modality: str, items: list[Any]) -> 
     if modality not in model.encoders:
         raise ConfigError(f"this model has no {modality} encoder; its modalities are {', '.join(model.modalities)}")
     entry = prepare_batch(model.preprocessors, modality, items)
-    return model.encoders[modality]({k: v.to(model.device) for k, v in entry.items()})
+    return model.features(modality, entry)
 
 
 def grid_size(num_patches: int) -> int:

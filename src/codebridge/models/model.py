@@ -27,7 +27,7 @@ from codebridge.data.preprocess import PREP_FILE, Preprocessors, Tokenizer
 from codebridge.files import atomic_path, atomic_write_json, naming_errors
 from codebridge.models.bridges import bridge_class
 from codebridge.models.encoders.pretrained import ASSETS_DIR, pretrained_sections
-from codebridge.models.features import BridgeOutput
+from codebridge.models.features import BridgeOutput, Features
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -55,6 +55,7 @@ class CodeBridgeModel(nn.Module):
         self.cfg = cfg
         self.modalities = list(modalities)
         self.preprocessors = preprocessors
+        self.specs = {spec.name: spec for spec in specs}
         self.encoders = nn.ModuleDict({spec.name: spec.build_encoder(cfg, preprocessors) for spec in specs})
         widths = {m: enc.width for m, enc in self.encoders.items()}
         self.bridge = bridge_class(cfg.model.bridge.name)(cfg.model.bridge, widths)
@@ -73,10 +74,26 @@ class CodeBridgeModel(nn.Module):
         present = [m for m in self.modalities if m in batch]
         if not present:
             raise KeyError(f"the batch has none of the model's modalities {self.modalities}; it has {sorted(batch)}")
-        return self.bridge({m: self.encoders[m](batch[m]) for m in present}, step)
+        return self.bridge({m: self.features(m, batch[m]) for m in present}, step)
+
+    def features(self, modality: str, entry: dict[str, torch.Tensor]) -> Features:
+        """One modality's batch entry (as collated, on any device) -> its encoder's Features: moved to the model's
+        device, finished there by the modality's ``on_device`` step (e.g. uint8 pixels -> normalised floats), then
+        encoded. Every path from a batch entry to an encoder goes through here, so the step runs exactly once."""
+        device = self.device
+        entry = {k: v.to(device, non_blocking=True) for k, v in entry.items()}
+        return self.encoders[modality](self.specs[modality].on_device(entry, self.cfg.prep))
 
     def loss(self, batch: Batch, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.bridge.loss(self(batch, step), step)
+
+    def compile_towers(self, backend: str = "inductor") -> None:
+        """``torch.compile`` each encoder in place (``Module.compile``: parameter names, the state dict, checkpoints
+        and saved models stay as they are). The bridge stays eager: its custom autograd functions (chunked max,
+        sparsemax) and data-dependent code selection are its own work to speed up. ``on_device`` stays outside,
+        a few elementwise ops per batch."""
+        for encoder in self.encoders.values():
+            encoder.compile(backend=backend)
 
     # ---------------------------------------------------------------------------------------------- inference
     @torch.no_grad()
@@ -124,8 +141,7 @@ class CodeBridgeModel(nn.Module):
         return out
 
     def _bridge_output(self, modality: str, entry: dict[str, torch.Tensor]) -> BridgeOutput:
-        entry = {k: v.to(self.device) for k, v in entry.items()}
-        return self.bridge({modality: self.encoders[modality](entry)})[modality]
+        return self.bridge({modality: self.features(modality, entry)})[modality]
 
     def _raw_chunks(self, modality: str, items: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
         if isinstance(items, (str, Path, bytes, Image.Image, np.ndarray, torch.Tensor)):

@@ -71,7 +71,6 @@ def model_code_usage(model: CodeBridgeModel, samples: list[Sample], batch_size: 
         dataset = SampleDataset(samples, [modality], model.preprocessors, train=False)
         total = np.zeros(space.size)
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-            entry = {k: v.to(model.device) for k, v in batch[modality].items()}
-            total += space.mass(modality, model.encoders[modality](entry)).double().sum(0).cpu().numpy()
+            total += space.mass(modality, model.features(modality, batch[modality])).double().sum(0).cpu().numpy()
         counts[modality] = total
     return CodeUsage(space.mass_unit, space.size, counts) if counts else None

@@ -23,7 +23,7 @@ def encode_entry(
     was_training = model.training
     model.eval()
     try:
-        features = model.encoders[modality]({k: v.to(model.device) for k, v in entry.items()})
+        features = model.features(modality, entry)
         embedding = model.bridge({modality: features})[modality].embedding.float().cpu().numpy()
         space = model.bridge.discrete_space()
         if space is None:

@@ -26,6 +26,7 @@ SAFE = (
     "train.warmup_start_lr",
     "train.grad_clip",
     "train.precision",
+    "train.compile",  # speed only: the same numbers within float rounding
     "train.log_every",
     "train.eval_every",
     "train.checkpoint_every",
@@ -36,6 +37,7 @@ SAFE = (
     "data.skip_bad",
     "data.num_workers",
     "data.cache_mb",
+    "data.prefetch",
     "eval.",
 )
 

@@ -137,6 +137,8 @@ class Trainer:
         self.tokenizer = self._tokenizer(samples)
         prep = Preprocessors(cfg.prep, self.tokenizer)
         self.model = CodeBridgeModel(cfg, cfg.data.modalities, prep).to(device)
+        if cfg.train.compile:
+            self.model.compile_towers()
         broadcast_state(self.model)
         self.grad_sync = GradientSync(self.model, cfg.train.grad_sync, cfg.train.accum_steps)
         self.optimizer = build_optimizer(self.model, cfg.train)
@@ -173,9 +175,10 @@ class Trainer:
         from codebridge.data.dataset import training_loader
         from codebridge.data.stream import training_stream
 
+        pin = self.device.type == "cuda"  # page-locked batches: to_device's non_blocking copies overlap the step
         if shards is None:
-            return training_loader(self.cfg, samples, prep, rank(), world_size(), self.state.batches)
-        return training_stream(self.cfg, shards, prep, rank(), world_size(), self.state.batches, self.state.stream)
+            return training_loader(self.cfg, samples, prep, rank(), world_size(), self.state.batches, pin)
+        return training_stream(self.cfg, shards, prep, rank(), world_size(), self.state.batches, self.state.stream, pin)
 
     def _tokenizer(self, samples: list | None) -> Any:
         """The run's tokenizer: from the checkpoint on resume, else a pretrained text tower's own or a BPE trained

@@ -2,7 +2,8 @@
 
 A spec answers for itself everything the readers, the dataset, the model, eval and the report need: the file
 extensions and WebDataset member keys of its media, its preprocessing config (section ``prep.<name>``) and the
-``Processor`` that decodes a reference and turns it into tensors, how items collate into a batch entry, its encoder
+``Processor`` that decodes a reference and turns it into tensors, how items collate into a batch entry and what
+is finished per batch on the model's device (``on_device``), its encoder
 (a registered encoder name, whose config is section ``model.<name>``) and how the report shows an item.
 Nothing outside a spec branches on a modality's name (captions excepted: readers know a caption column).
 """
@@ -74,6 +75,13 @@ class Modality:
     def describe(self, cfg: Config) -> str:
         """One line for the report: the encoder and the settings that shape it."""
         return f"encoder {encoder_name(cfg, self.name)!r}"
+
+    def on_device(self, entry: Entry, prep: PrepConfig) -> Entry:
+        """The batch half of preprocessing, run by the model on its device right before the encoder (default:
+        none). Why: per item in the loader's workers, a spec does only what shrinks or must see one item (decode,
+        crop to uint8); work that grows the bytes (to float, normalise, photometric augmentation) runs here, once
+        per batch, where the model is. Must leave an already finished entry unchanged."""
+        return entry
 
     def collate(self, entries: list[Entry]) -> Entry:
         """Items' tensors -> the batch entry: stacked, variable-length ones right-padded with zeros (masks False)."""

@@ -8,6 +8,12 @@ Decoding takes every mode PIL opens to 8-bit RGB (``to_rgb``): 16-bit grey keeps
 Train-time augmentation is a random resized crop and colour jitter; never a horizontal flip, because emoji
 (and the text in many images) are not mirror-symmetric. The augmentation is drawn once as an ``Augmentation``
 and applied by ``apply``, so a video can use the same parameters for all of its frames.
+
+The work is split where the bytes are smallest (docs/performance.md, "GPU input pipeline"): per item on the CPU
+(in DataLoader workers) decode, crop and resize to uint8 [3,S,S], the only rounding (PIL's resize writes 8-bit
+pixels, as it always did); then per batch on the model's device (``normalise``, the modality's ``on_device``)
+to float, /255, colour jitter with each item's factors (``"jitter"`` [B,3] in the batch entry), mean/std.
+Float pixels reaching ``normalise`` are taken as already normalised (a user's or OpenCLIP's preprocessed tensor).
 """
 
 from __future__ import annotations
@@ -170,27 +176,58 @@ def random_crop_box(width: int, height: int, scale: tuple[float, float], generat
     return centre_square(width, height)
 
 
-def _luma(x: torch.Tensor) -> torch.Tensor:
-    """[3,H,W] -> [1,H,W] grey level."""
-    return torch.tensordot(x.new_tensor(LUMA), x, dims=1)[None]
+@lru_cache(maxsize=16)
+def _constants(*values: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Each triple of ``values`` as a float32 [3,1,1] on ``device``, made once: a copy per batch would be a host
+    sync on a GPU."""
+    return tuple(torch.tensor(v, dtype=torch.float32).view(3, 1, 1).to(device) for v in values)
 
 
-def jitter(x: torch.Tensor, aug: Augmentation) -> torch.Tensor:
-    """Brightness, contrast, saturation on [3,H,W] in [0, 1], clamped after each step."""
-    x = (x * aug.brightness).clamp(0, 1)
-    mean = _luma(x).mean()
-    x = ((x - mean) * aug.contrast + mean).clamp(0, 1)
-    grey = _luma(x)
-    return ((x - grey) * aug.saturation + grey).clamp(0, 1)
+def _luma(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[...,3,H,W] -> [...,1,H,W] grey level (a weighted sum, not a matmul, so autocast leaves it in fp32)."""
+    return (x * weights).sum(-3, keepdim=True)
+
+
+def jitter(x: torch.Tensor, factors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation on [B,...,3,H,W] in [0, 1] with item b's ``factors[b]`` (3 of them, 1.0 =
+    unchanged), clamped after each step; the contrast pivot is each picture's (each frame's) mean grey."""
+    b, c, s = (f.view(-1, *[1] * (x.dim() - 1)) for f in factors.to(x.dtype).unbind(-1))
+    x = (x * b).clamp(0, 1)
+    mean = _luma(x, weights).mean(dim=(-3, -2, -1), keepdim=True)
+    x = ((x - mean) * c + mean).clamp(0, 1)
+    grey = _luma(x, weights)
+    return ((x - grey) * s + grey).clamp(0, 1)
+
+
+def normalise(pixels: torch.Tensor, factors: torch.Tensor | None, prep: ImagePrep) -> torch.Tensor:
+    """The device half of preprocessing, for a whole batch where it lies: uint8 [B,...,3,S,S] -> float /255, colour
+    jitter by ``factors`` [B,3] (None: eval, no jitter), (x - mean) / std. Float pixels are returned unchanged:
+    they are already normalised, so applying this twice cannot normalise twice."""
+    if pixels.dtype != torch.uint8:
+        return pixels
+    weights, mean, std = _constants(LUMA, tuple(prep.mean), tuple(prep.std), device=pixels.device)
+    x = pixels.float() / 255.0  # the same float32 values as the old per-item path: uint8 / 255 is exact per value
+    if factors is not None:
+        x = jitter(x, factors, weights)
+    return (x - mean) / std
+
+
+def finish_entry(entry: Entry, key: str, prep: ImagePrep) -> Entry:
+    """A batch entry of uint8 pictures under ``key`` (+ ``"jitter"`` factors when augmented) -> model-ready
+    ``{key: float}``: ``on_device`` of the image and video modalities."""
+    return {key: normalise(entry[key], entry.get("jitter"), prep)}
+
+
+def finish_item(entry: Entry, key: str, prep: ImagePrep) -> torch.Tensor:
+    """One item's CPU-half entry finished here, as a batch of one: the float tensor its encoder gets."""
+    return finish_entry({k: v[None] for k, v in entry.items()}, key, prep)[key][0]
 
 
 class ImageProcessor:
-    """Decode and preprocess images to [3, S, S] normalised tensors (S = ``prep.size``)."""
+    """Decode and preprocess images to uint8 [3, S, S] (S = ``prep.size``); ``normalise`` finishes them."""
 
     def __init__(self, prep: ImagePrep) -> None:
         self.prep = prep
-        self._mean = torch.tensor(prep.mean).view(3, 1, 1)
-        self._std = torch.tensor(prep.std).view(3, 1, 1)
 
     def load(self, src: Source) -> Image.Image:
         """Decode an image file (path or bytes) to 8-bit RGB (``to_rgb``); any failure is a ``DecodeError``."""
@@ -208,26 +245,26 @@ class ImageProcessor:
         return Augmentation(box, *factors)
 
     def apply(self, img: Image.Image | np.ndarray, aug: Augmentation | None = None) -> torch.Tensor:
-        """Crop+resize (bicubic) to S x S, jitter if ``aug`` is given, normalise: -> FloatTensor[3,S,S]."""
+        """Crop ``aug.box`` (the centre square without ``aug``) and resize (bicubic) to uint8 [3,S,S]."""
         if isinstance(img, np.ndarray):
             img = Image.fromarray(img)
         box = aug.box if aug is not None else centre_square(*img.size)
         size = self.prep.size
         resized = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
-        x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        if aug is not None:
-            x = jitter(x, aug)
-        return (x - self._mean) / self._std
+        return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+    def augmentation(
+        self, width: int, height: int, train: bool, generator: torch.Generator | None
+    ) -> Augmentation | None:
+        """A draw when ``train`` and ``prep.augment``, else None (eval: centre square, no jitter)."""
+        return self.draw(width, height, generator) if train and self.prep.augment else None
 
     def __call__(
         self, img: Image.Image | np.ndarray, train: bool, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Preprocess an RGB image (PIL or uint8 [H,W,3]); augmented only when ``train`` and ``prep.augment``."""
-        aug = None
-        if train and self.prep.augment:
-            width, height = img.size if isinstance(img, Image.Image) else (img.shape[1], img.shape[0])
-            aug = self.draw(width, height, generator)
-        return self.apply(img, aug)
+        """One RGB image (PIL or uint8 [H,W,3]) through both halves, on the CPU: -> FloatTensor[3,S,S] as the
+        encoder gets it; augmented only when ``train`` and ``prep.augment``."""
+        return finish_item(self.entry(img, train, generator), "pixels", self.prep)
 
     def decode(self, src: Source) -> np.ndarray:
         """``load`` as a uint8 [H,W,3] array: compact and picklable (the dataset caches and ships it)."""
@@ -245,12 +282,23 @@ class ImageProcessor:
         return self.load(item)
 
     def entry(self, raw: Image.Image | np.ndarray, train: bool, generator: torch.Generator | None = None) -> Entry:
-        return {"pixels": self(raw, train, generator)}
+        """The CPU half: ``{"pixels": uint8 [3,S,S]}``, plus ``"jitter"`` [3] (the draw's factors) when augmented."""
+        width, height = raw.size if isinstance(raw, Image.Image) else (raw.shape[1], raw.shape[0])
+        aug = self.augmentation(width, height, train, generator)
+        return with_jitter({"pixels": self.apply(raw, aug)}, aug)
+
+
+def with_jitter(entry: Entry, aug: Augmentation | None) -> Entry:
+    """``entry`` plus the draw's jitter factors [3] (brightness, contrast, saturation) when there is a draw."""
+    if aug is not None:
+        entry["jitter"] = torch.tensor([aug.brightness, aug.contrast, aug.saturation], dtype=torch.float32)
+    return entry
 
 
 @register_modality
 class ImageModality(Modality):
-    """Still images: ``{"pixels": [B,3,S,S]}`` for a ViT (models/encoders/image.py)."""
+    """Still images: ``{"pixels": uint8 [B,3,S,S], "jitter": [B,3] (train)}`` from the loader, ``{"pixels": float
+    [B,3,S,S]}`` after ``on_device``, for a ViT (models/encoders/image.py)."""
 
     name = "image"
     extensions = ("jpg", "jpeg", "png", "webp")
@@ -260,6 +308,9 @@ class ImageModality(Modality):
 
     def processor(self, prep: PrepConfig, tokenizer: Tokenizer | None) -> ImageProcessor:
         return ImageProcessor(prep.image)
+
+    def on_device(self, entry: Entry, prep: PrepConfig) -> Entry:
+        return finish_entry(entry, "pixels", prep.image)
 
     def thumbnail(self, raw: np.ndarray) -> Image.Image:
         return Image.fromarray(raw)

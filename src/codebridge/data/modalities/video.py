@@ -1,7 +1,8 @@
 """Video preprocessing: decode every frame with PyAV, sample T frames uniformly, preprocess them like images.
 
 At train time one augmentation (crop box, jitter) is drawn per clip and applied to every frame, so motion
-between frames stays real motion rather than crop noise.
+between frames stays real motion rather than crop noise. As for images, the loader delivers uint8 frames and the
+clip's jitter factors; ``on_device`` finishes them on the model's device (image.py says where the work is split).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from PIL import Image
 
 from codebridge.config import num
 from codebridge.data.modalities.base import Entry, Modality, encoder_name, register_modality
-from codebridge.data.modalities.image import ImagePrep, ImageProcessor
+from codebridge.data.modalities.image import ImagePrep, ImageProcessor, finish_entry, finish_item, with_jitter
 from codebridge.data.modalities.source import DecodeError, Source, as_file, decoding
 
 if TYPE_CHECKING:
@@ -60,13 +61,20 @@ def check_complete(decoded: int, expected: int | None) -> None:
         raise DecodeError(f"is truncated or corrupt: decoded {decoded} of the {expected} frames its header promises")
 
 
+def frame_prep(prep: VideoPrep, image: ImagePrep) -> ImagePrep:
+    """How frames are cropped and normalised: ``prep.image`` at the clip size, with the video's own mean/std when
+    set (a pretrained frame tower's)."""
+    own = {key: value for key in ("mean", "std") if (value := getattr(prep, key)) is not None}
+    return dataclasses.replace(image, size=prep.size, **own)
+
+
 class VideoProcessor:
-    """Decode clips to uint8 [T_all,H,W,3] and preprocess them to [T,3,S,S] (T = ``prep.frames``, S = ``prep.size``)."""
+    """Decode clips to uint8 [T_all,H,W,3], sample and crop them to uint8 [T,3,S,S] (T = ``prep.frames``,
+    S = ``prep.size``)."""
 
     def __init__(self, prep: VideoPrep, image: ImagePrep) -> None:
         self.prep = prep
-        own = {key: value for key in ("mean", "std") if (value := getattr(prep, key)) is not None}
-        self.image = ImageProcessor(dataclasses.replace(image, size=prep.size, **own))
+        self.image = ImageProcessor(frame_prep(prep, image))
 
     def load(self, src: Source) -> np.ndarray:
         """Every frame of the first video stream as RGB uint8 [T_all,H,W,3]; any failure, and a frame larger than
@@ -85,12 +93,8 @@ class VideoProcessor:
             return np.stack(frames)
 
     def __call__(self, frames: np.ndarray, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Uniformly sampled, preprocessed frames -> FloatTensor[T,3,S,S] (one augmentation for the whole clip)."""
-        aug = None
-        if train and self.image.prep.augment:
-            aug = self.image.draw(frames.shape[2], frames.shape[1], generator)
-        picked = uniform_indices(len(frames), self.prep.frames)
-        return torch.stack([self.image.apply(frames[i], aug) for i in picked])
+        """One clip through both halves, on the CPU: -> FloatTensor[T,3,S,S] as the encoder gets it."""
+        return finish_item(self.entry(frames, train, generator), "frames", self.image.prep)
 
     def decode(self, src: Source) -> np.ndarray:
         return self.load(src)
@@ -100,12 +104,17 @@ class VideoProcessor:
         return item if isinstance(item, np.ndarray) else self.load(item)
 
     def entry(self, raw: np.ndarray, train: bool, generator: torch.Generator | None = None) -> Entry:
-        return {"frames": self(raw, train, generator)}
+        """The CPU half: uniformly sampled frames cropped to ``{"frames": uint8 [T,3,S,S]}`` with one augmentation
+        for the whole clip, plus its ``"jitter"`` factors [3] when augmented."""
+        aug = self.image.augmentation(raw.shape[2], raw.shape[1], train, generator)
+        picked = uniform_indices(len(raw), self.prep.frames)
+        return with_jitter({"frames": torch.stack([self.image.apply(raw[i], aug) for i in picked])}, aug)
 
 
 @register_modality
 class VideoModality(Modality):
-    """Clips: ``{"frames": [B,T,3,S,S]}`` for a per-frame ViT + temporal layers (models/encoders/video.py)."""
+    """Clips: ``{"frames": uint8 [B,T,3,S,S], "jitter": [B,3] (train)}`` from the loader, ``{"frames": float
+    [B,T,3,S,S]}`` after ``on_device``, for a per-frame ViT + temporal layers (models/encoders/video.py)."""
 
     name = "video"
     extensions = ("mp4", "avi", "webm", "mkv", "mov")
@@ -115,6 +124,9 @@ class VideoModality(Modality):
 
     def processor(self, prep: PrepConfig, tokenizer: Tokenizer | None) -> VideoProcessor:
         return VideoProcessor(prep.video, prep.image)
+
+    def on_device(self, entry: Entry, prep: PrepConfig) -> Entry:
+        return finish_entry(entry, "frames", frame_prep(prep.video, prep.image))
 
     def thumbnail(self, raw: np.ndarray) -> Image.Image:
         """The middle frame."""
