@@ -155,22 +155,25 @@ def test_codebook_is_identical_on_every_rank_after_each_step(shapes: dict[str, P
         assert restarts > 0, accum  # dead-code restarts happened (rank 0's vectors, broadcast) and stayed in step
 
 
-def test_torchrun_matches_one_process_with_the_global_batch(shapes: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
-    """``torchrun --nproc_per_node 2 -m codebridge train`` (batch 8 per rank) against one process with batch 16."""
-    common = ("train.steps=6", "train.log_every=1", "train.checkpoint_every=3")
-    single = train(tiny_config(shapes, tmp_path / "single", *common, "train.batch_size=16"))
-    save_config(tiny_config(shapes, tmp_path / "double", *common, "train.batch_size=8"), tmp_path / "double.yaml")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "codebridge", "train", "--config", str(tmp_path / "double.yaml")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+TORCHRUN_STEPS = ("train.steps=6", "train.log_every=1", "train.checkpoint_every=3")  # batch 8 per rank, 16 in all
+
+
+def two_rank_config(shapes: dict[str, Path], tmp_path: Path, name: str) -> tuple[Path, Path]:  # noqa: F811
+    """The one-process run with batch 16 (done here), and the config file of the same run with batch 8 on each
+    of two ranks; returns (single run folder, config file)."""
+    single = train(tiny_config(shapes, tmp_path / "single", *TORCHRUN_STEPS, "train.batch_size=16"))
+    config = tmp_path / f"{name}.yaml"
+    save_config(tiny_config(shapes, tmp_path / name, *TORCHRUN_STEPS, "train.batch_size=8"), config)
+    return single, config
+
+
+def assert_same_training(single: Path, double: Path) -> None:
+    """Two ranks trained like one process on the global batch: the logged losses and the final parameters."""
 
     def losses(run: Path) -> list[float]:
         lines = (run / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line)["loss"] for line in lines if json.loads(line)["kind"] == "train"]
 
-    double = tmp_path / "double"
     assert losses(double) == pytest.approx(losses(single), rel=1e-4)
     assert sorted(p.name for p in (double / "checkpoints" / "step_000006" / "rng").iterdir()) == [
         "rank_0.json",
@@ -179,6 +182,17 @@ def test_torchrun_matches_one_process_with_the_global_batch(shapes: dict[str, Pa
     a, b = load_file(single / "model" / "model.safetensors"), load_file(double / "model" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_torchrun_matches_one_process_with_the_global_batch(shapes: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    """``torchrun --nproc_per_node 2 -m codebridge train`` (batch 8 per rank) against one process with batch 16."""
+    single, config = two_rank_config(shapes, tmp_path, "double")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "codebridge", "train", "--config", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_training(single, tmp_path / "double")
 
 
 def _frozen_rank_worker(rank: int, port: int, out: Path) -> None:

@@ -310,7 +310,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from codebridge.train.trainer import TrainingDiverged, train
+    from codebridge.train.trainer import LostContact, TrainingDiverged, train
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -318,6 +318,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except LostContact as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     print(f"run folder: {run_dir}")
     return 0
 

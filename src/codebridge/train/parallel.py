@@ -21,6 +21,7 @@ import datetime
 import gc
 import inspect
 import os
+import re
 from typing import Any, Literal
 
 import torch
@@ -66,6 +67,18 @@ def shutdown_distributed() -> None:
     if is_distributed():
         gc.collect()
         dist.destroy_process_group()
+
+
+def lost_contact(exc: BaseException) -> str | None:
+    """The cause, in a few words, when ``exc`` says another rank stopped answering (its process or node died, or the
+    network failed); else None. NCCL raises ``DistError``s; gloo raises plain ``RuntimeError``s whose message starts
+    with the location in its transport ("[.../gloo/transport/tcp/pair.cc:537] Read error ...: Connection reset by
+    peer. This is typically caused by ...")."""
+    message = str(exc).strip()
+    if not (isinstance(exc, dist.DistError) or "gloo/transport" in message):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", message.splitlines()[0] if message else "")
+    return first.split(". ")[0].rstrip(".") or type(exc).__name__
 
 
 def barrier() -> None:

@@ -42,6 +42,7 @@ from codebridge.train.parallel import (
     barrier,
     broadcast_state,
     init_distributed,
+    lost_contact,
     rank_zero_says,
     shutdown_distributed,
 )
@@ -72,6 +73,27 @@ class TrainingDiverged(RuntimeError):
         self.checkpoint = checkpoint
 
 
+class LostContact(RuntimeError):
+    """Another rank stopped answering mid-run (its process or node died, or the network failed): this rank gives up
+    instead of printing the collective's traceback. ``latest`` on the shared run folder is intact."""
+
+    def __init__(self, step: int | None, cause: str, checkpoint: Path | None) -> None:
+        at = f" after step {step}" if step is not None else ""
+        if checkpoint is None:
+            then = "no checkpoint had been written yet: start the run again"
+        else:
+            then = (
+                f"the last checkpoint is {checkpoint}; once every node is back, run the same torchrun command on "
+                "each (same number of nodes and processes per node) with --resume latest"
+            )
+        super().__init__(
+            f"rank {rank()} lost contact with the other ranks{at} (a process or node died, or the network failed: "
+            f"{cause}); {then}"
+        )
+        self.step = step
+        self.checkpoint = checkpoint
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -84,12 +106,26 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     """Train ``cfg`` (resuming from "latest", a checkpoint or a run folder) and return the run folder."""
     validate(cfg)  # a config built or changed in Python: every range and rule, before anything is written
     device, joined = init_distributed(cfg.train.dist_timeout_minutes)
+    trainer: Trainer | None = None
     try:
         with _hold_output_dir(Path(cfg.output_dir), device):
-            return Trainer(cfg, device, resume).run()
-    finally:
+            trainer = Trainer(cfg, device, resume)
+            return trainer.run()
+    except Exception as exc:
+        if (cause := lost_contact(exc)) is None:
+            raise
+    finally:  # after the except block: the failed collective's traceback (which holds the DDP wrapper) is gone
         if joined:
             shutdown_distributed()
+    raise LostContact(trainer.state.step if trainer else None, cause, _latest(Path(cfg.output_dir)))
+
+
+def _latest(run_dir: Path) -> Path | None:
+    """The checkpoint ``--resume latest`` would take, if any."""
+    try:
+        return find_checkpoint(run_dir, LATEST)
+    except FileNotFoundError:
+        return None
 
 
 @contextlib.contextmanager
