@@ -26,6 +26,7 @@ SAFE = (
     "train.warmup_start_lr",
     "train.grad_clip",
     "train.precision",
+    "train.grad_checkpointing",  # recomputes the same activations
     "train.log_every",
     "train.eval_every",
     "train.checkpoint_every",

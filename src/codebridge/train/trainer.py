@@ -35,6 +35,7 @@ from codebridge.train.checkpoint import (
     save_checkpoint,
 )
 from codebridge.train.health import CollapseWatch, unhealthy
+from codebridge.train.memory import checkpoint_towers
 from codebridge.train.metrics_log import RunLog
 from codebridge.train.optim import WarmupCosine, build_optimizer, lr_at
 from codebridge.train.parallel import (
@@ -137,6 +138,7 @@ class Trainer:
         self.tokenizer = self._tokenizer(samples)
         prep = Preprocessors(cfg.prep, self.tokenizer)
         self.model = CodeBridgeModel(cfg, cfg.data.modalities, prep).to(device)
+        checkpoint_towers(self.model.encoders, cfg.train.grad_checkpointing)
         broadcast_state(self.model)
         self.grad_sync = GradientSync(self.model, cfg.train.grad_sync, cfg.train.accum_steps)
         self.optimizer = build_optimizer(self.model, cfg.train)
