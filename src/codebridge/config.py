@@ -294,6 +294,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_sync: Literal["overlap", "manual"] = "overlap"  # overlap: DDP during backward; manual: one all-reduce after
     grad_checkpointing: list[str] = field(default_factory=list)  # modalities whose towers recompute activations
+    shard: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 shards each tower's parameters over the ranks (torchrun)
     log_every: int = num(10, ge=1)
     eval_every: int = num(0, ge=0)  # 0: only at the end
     checkpoint_every: int = num(200, ge=0)  # 0: only at the end
