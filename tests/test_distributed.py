@@ -15,19 +15,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from codebridge.config import Config, save_config
 from codebridge.data.preprocess import Preprocessors, Tokenizer
-from codebridge.distributed import all_reduce_mean, rank
+from codebridge.distributed import all_reduce_mean, rank, world_size
 from codebridge.models.model import CodeBridgeModel
 from codebridge.train import train
-from codebridge.train.parallel import GradientSync, barrier, init_distributed, shutdown_distributed
+from codebridge.train.parallel import GradientSync, barrier, init_distributed, is_sharded, shutdown_distributed
 from codebridge.train.trainer import Trainer
 from helpers import free_port
 from test_trainer import one_thread, shapes, tiny_config  # noqa: F401  (fixtures)
 
 BRIDGES = ("clip", "codebook", "fdt")
-MODES = ("overlap", "manual")
+MODES = ("overlap", "manual", "fsdp")  # fsdp: FSDP2 on the towers (train.shard), see loss_and_grads
 BATCH = 8  # global; two micro-batches of 4 rows, each split between the two ranks
 MICRO = 2
 
@@ -56,14 +57,18 @@ def loss_and_grads(model_dir: Path, batches: list[dict], mode: str) -> dict[str,
     """Loss (averaged over ranks) and gradients (synchronised as the trainer does) of one accumulated step, in
     float64."""
     model = CodeBridgeModel.load(model_dir).double().train()
-    sync = GradientSync(model, mode, len(batches))
+    sync = GradientSync(
+        model, "manual" if mode == "fsdp" else mode, len(batches), shard="fsdp" if mode == "fsdp" else "ddp"
+    )
     losses = []
     for batch in batches:
         loss, _ = sync.loss(batch, step=0)
         (loss / len(batches)).backward()
         losses.append(loss.detach())
     sync.finish()
-    grads = {f"grad/{n}": p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert is_sharded(model) == (mode == "fsdp" and world_size() > 1)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    grads = {f"grad/{n}": g.full_tensor() if isinstance(g, DTensor) else g for n, g in grads.items()}
     return {"loss": all_reduce_mean(torch.stack(losses).mean()), **grads}
 
 
@@ -99,7 +104,7 @@ def _worker(rank: int, world: int, init_file: str, dirs: list[Path], batch: dict
 
 
 def test_two_processes_match_one_on_the_concatenated_batch(tmp_path: Path) -> None:
-    """Both gradient synchronisations, with two accumulated micro-batches, for every bridge."""
+    """Both gradient synchronisations and FSDP2, with two accumulated micro-batches, for every bridge."""
     dirs, batch = save_models(tmp_path)
     mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), dirs, batch, tmp_path), nprocs=2, join=True)
     for model_dir in dirs:
@@ -228,3 +233,52 @@ def test_static_graph_refuses_accumulation() -> None:
     """DDP's static graph counts gradient hooks per step; accumulation makes the ranks' weights diverge."""
     with pytest.raises(ValueError, match="static_graph needs accum_steps 1"):
         GradientSync(torch.nn.Linear(2, 2), "overlap", 2, static_graph=True)
+
+
+def _resuming_worker(rank: int, world: int, init_file: str, runs: list[tuple[Config, str | None]]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for cfg, resume in runs:
+            Trainer(cfg, torch.device("cpu"), resume).run()
+    finally:
+        shutdown_distributed()
+
+
+def test_fsdp_matches_one_process_and_resumes_exactly(shapes: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    """train.shard=fsdp on two gloo ranks (batch 4 each, 2 micro-batches) against one process with batch 8: the same
+    losses and weights; its checkpoints hold the full state (the 1-process layout), and a run stopped at step 3 and
+    resumed ends bit-identical to the uninterrupted one. Evaluation runs on every rank (the towers are sharded)."""
+    common = ("train.steps=6", "train.log_every=1", "train.checkpoint_every=3", "train.accum_steps=2")
+    single = train(tiny_config(shapes, tmp_path / "single", *common, "train.batch_size=8"))
+    fsdp = (*common, "train.batch_size=4", "train.shard=fsdp")
+    runs = [
+        (tiny_config(shapes, tmp_path / "fsdp", *fsdp), None),
+        (tiny_config(shapes, tmp_path / "resumed", *fsdp, "train.steps=3", "data.val=null"), None),
+        (tiny_config(shapes, tmp_path / "resumed", *fsdp), "latest"),
+    ]
+    mp.spawn(_resuming_worker, args=(2, str(tmp_path / "rendezvous"), runs), nprocs=2, join=True)
+
+    def losses(run: Path) -> list[float]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines if json.loads(line)["kind"] == "train"]
+
+    assert len(losses(single)) == 6
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(single), rel=1e-4)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "fsdp")
+    assert (tmp_path / "fsdp" / "eval.json").is_file()
+    a = load_file(single / "model" / "model.safetensors")
+    for run in ("fsdp", "resumed"):
+        b = load_file(tmp_path / run / "model" / "model.safetensors")
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
+    exact = load_file(tmp_path / "fsdp" / "checkpoints" / "step_000006" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "checkpoints" / "step_000006" / "model.safetensors")
+    assert all(torch.equal(exact[k], resumed[k]) for k in exact)
+    single_ckpt = single / "checkpoints" / "step_000006"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (
+            load_file(single_ckpt / name).keys()
+            == load_file(tmp_path / "fsdp" / "checkpoints" / "step_000006" / name).keys()
+        )

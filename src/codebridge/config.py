@@ -295,6 +295,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False  # torch.compile each encoder (inductor; on CPU it needs a C++ compiler)
     grad_sync: Literal["overlap", "manual"] = "overlap"  # overlap: DDP during backward; manual: one all-reduce after
+    grad_checkpointing: list[str] = field(default_factory=list)  # modalities whose towers recompute activations
+    shard: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 shards each tower's parameters over the ranks (torchrun)
     log_every: int = num(10, ge=1)
     eval_every: int = num(0, ge=0)  # 0: only at the end
     checkpoint_every: int = num(200, ge=0)  # 0: only at the end
@@ -342,7 +344,11 @@ class Config:
         images); an unregistered modality is named with the registered ones."""
         from codebridge.data.modalities import check_modalities  # lazy: the modalities import torch
 
-        rules: dict[str, bool] = {}
+        rules: dict[str, bool] = {
+            "{train.grad_checkpointing} must name modalities of {data.modalities}": set(
+                self.train.grad_checkpointing
+            ).issubset(self.data.modalities)
+        }
         for spec in check_modalities(self.data.modalities):
             rules.update(spec.rules(self))
         return broken(rules)

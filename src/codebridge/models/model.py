@@ -158,11 +158,12 @@ class CodeBridgeModel(nn.Module):
         return a @ b.T
 
     # ---------------------------------------------------------------------------------------------- files
-    def save(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors``, ``config.json`` and the preprocessing into ``directory``."""
+    def save(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``model.safetensors``, ``config.json`` and the preprocessing into ``directory``; ``state``: the
+        full weights when the trainer shards the towers (default: ``state_dict()``)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in (state or self.state_dict()).items()}
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
         meta = {"codebridge_version": __version__, "modalities": self.modalities, "config": to_dict(self.cfg)}

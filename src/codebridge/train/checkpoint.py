@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from codebridge.config import ConfigError, save_config
 from codebridge.distributed import rank, world_size
 from codebridge.files import atomic_path, atomic_write_json, atomic_write_text, naming_errors
 from codebridge.train.optim import WarmupCosine
-from codebridge.train.parallel import barrier
+from codebridge.train.parallel import barrier, load_model_state, load_optimizer_state, model_state, optimizer_state
 from codebridge.train.rng import capture_rng, restore_rng
 
 CHECKPOINTS = "checkpoints"
@@ -67,8 +67,7 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write_json(path, data, indent=1)
 
 
-def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    sd = optimizer.state_dict()
+def _save_optimizer(sd: dict[str, Any], directory: Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for index, param_state in sd["state"].items():
@@ -82,7 +81,7 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
     _write_json(directory / "optimizer.json", {"param_groups": sd["param_groups"], "scalars": scalars})
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def _load_optimizer(directory: Path) -> dict[str, Any]:
     meta = json.loads((directory / "optimizer.json").read_text())
     state: dict[int, dict[str, Any]] = {}
     flat = {**load_file(str(directory / "optimizer.safetensors")), **meta["scalars"]}
@@ -90,7 +89,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(
@@ -119,11 +118,12 @@ def save_checkpoint(
     barrier()
     _write_json(tmp / "rng" / f"rank_{rank()}.json", capture_rng())
     _write_json(tmp / "data" / f"rank_{rank()}.json", {"batches": state.batches, "stream": state.stream})
+    weights, optimizer_sd = model_state(model), optimizer_state(model, optimizer)  # full, even when sharded
     barrier()
     if rank() == 0:
-        with atomic_path(tmp / "model.safetensors") as weights:
-            save_model(model, str(weights))
-        _save_optimizer(optimizer, tmp)
+        with atomic_path(tmp / "model.safetensors") as path:
+            save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(path), metadata={"format": "pt"})
+        _save_optimizer(optimizer_sd, tmp)
         if config is not None:
             save_config(config, tmp / CONFIG_FILE)
         _write_json(tmp / "trainer.json", {"state": asdict(state), "scheduler": scheduler.state_dict()})
@@ -181,8 +181,9 @@ def load_checkpoint(
     if own_position.is_file():  # checkpoints before per-rank positions hold rank 0's only
         own = json.loads(own_position.read_text())
         state.batches, state.stream = own["batches"], own.get("stream", {})
-    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
-    _load_optimizer(optimizer, path)
+    device = str(next(model.parameters()).device)
+    load_model_state(model, load_file(str(path / "model.safetensors"), device=device))
+    load_optimizer_state(model, optimizer, _load_optimizer(path))
     scheduler.load_state_dict(meta["scheduler"])
     return state
 

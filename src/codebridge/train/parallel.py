@@ -11,6 +11,11 @@ Gradients become their mean over ranks in one of two ways (``train.grad_sync``, 
 - ``manual``: after the whole backward pass, one all-reduce of all gradients flattened together
   (``average_gradients``); kept for comparison (benchmarks/ddp_overlap.py).
 
+``train.shard=fsdp`` replaces DDP by FSDP2 (``fully_shard``) on each tower: a tower's parameters, gradients and
+optimizer state live sharded over the ranks and are all-gathered block by block around its forward and backward;
+the bridge (small, and read outside its forward by the loss) stays replicated and its gradients are averaged by
+``average_gradients``. Checkpoints hold the full unsharded state either way (``model_state``, ``optimizer_state``).
+
 Both are exact: with two ranks, DDP's ``(a / 2) + (b / 2)`` equals ``(a + b) / 2`` bit for bit. The bridges gather
 negatives with gradient (``codebridge.distributed``) inside the same backward pass, in the same order on every rank.
 """
@@ -27,6 +32,15 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from codebridge.distributed import is_distributed, world_size
@@ -113,8 +127,8 @@ def average_gradients(model: nn.Module) -> None:
     """
     if not is_distributed():
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    grads = [p.grad for p in model.parameters() if p.grad is not None and not isinstance(p.grad, DTensor)]
+    if not grads:  # (sharded gradients are FSDP's: already averaged)
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
@@ -126,6 +140,80 @@ def average_gradients(model: nn.Module) -> None:
 
 
 GradSync = Literal["overlap", "manual"]
+Shard = Literal["ddp", "fsdp"]
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def shard_towers(model: nn.Module) -> list[FSDPModule]:
+    """FSDP2 on each encoder of ``model`` (in place: its parameters become sharded ``DTensor``s)."""
+    towers = []
+    for encoder in model.encoders.values():
+        fully_shard(encoder)
+        towers.append(encoder)
+    return towers
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """``clip_grad_norm_`` over every gradient, sharded (FSDP) or not: torch's refuses a mix of the two."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    groups = [[p for p in params if isinstance(p.grad, DTensor) is sharded] for sharded in (True, False)]
+    if not groups[0]:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in groups if group]
+    total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
+    for group in groups:
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total.item()
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict (collective when sharded: every rank calls it, rank 0 gets the tensors, on the CPU)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    return get_model_state_dict(model, options=FULL)
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (every rank passes it; a sharded model keeps its own shards)."""
+    if is_sharded(model):
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
+
+
+def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order (the indices of a plain ``optimizer.state_dict()``)."""
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` of the full parameters, indexed as in one process (collective when sharded)."""
+    plain = optimizer.state_dict()
+    if not is_sharded(model):
+        return plain
+    full = get_optimizer_state_dict(model, optimizer, options=FULL).get("state", {})  # empty but on rank 0
+    names = _names(model, optimizer)
+    return {"state": {i: full[n] for i, n in enumerate(names) if n in full}, "param_groups": plain["param_groups"]}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load what ``optimizer_state`` gave (every rank passes it)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    names = _names(model, optimizer)
+    groups, start = [], 0
+    for group in state["param_groups"]:
+        groups.append({**group, "params": names[start : start + len(group["params"])]})
+        start += len(group["params"])
+    by_name = {"state": {names[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def _no_buffer_sync() -> dict[str, bool]:
@@ -152,21 +240,33 @@ class GradientSync:
 
     Call ``loss`` once per micro-batch (then backward), ``accum_steps`` times, then ``finish`` before clipping:
     only the last micro-batch's backward communicates (``overlap``); ``manual`` all-reduces in ``finish``. In one
-    process both are ``model.loss``. The model itself stays unwrapped (saving, evaluation and state dicts as ever).
+    process both are ``model.loss``. The model itself stays unwrapped (saving, evaluation and state dicts as ever),
+    except that ``shard="fsdp"`` shards its towers in place (state dicts: ``model_state``, ``optimizer_state``).
 
     ``static_graph`` (benchmarks only) replaces DDP's per-step search for unused parameters by a one-off one; DDP
     then counts gradient hooks per step, which accumulation breaks (ranks silently diverge), so it needs
     ``accum_steps`` 1.
     """
 
-    def __init__(self, model: nn.Module, mode: GradSync, accum_steps: int = 1, *, static_graph: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: GradSync,
+        accum_steps: int = 1,
+        *,
+        static_graph: bool = False,
+        shard: Shard = "ddp",
+    ) -> None:
         if static_graph and accum_steps > 1:
             raise ValueError(f"static_graph needs accum_steps 1, got {accum_steps}")
         self.model = model
         self.accum_steps = accum_steps
         self.calls = 0  # loss() calls since the last finish()
         self.ddp: DistributedDataParallel | None = None
-        if mode == "overlap" and is_distributed():
+        self.towers: list[FSDPModule] = []
+        if shard == "fsdp" and is_distributed():
+            self.towers = shard_towers(model)
+        elif mode == "overlap" and is_distributed():
             device = next(model.parameters()).device
             self.ddp = DistributedDataParallel(
                 _TrainingLoss(model),
@@ -179,6 +279,8 @@ class GradientSync:
     def loss(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """``model.loss(batch, step)``; under ``overlap`` its backward all-reduces only on the step's last call."""
         self.calls += 1
+        for tower in self.towers:  # FSDP reduce-scatters the towers' gradients in the step's last backward only
+            tower.set_requires_gradient_sync(self.calls >= self.accum_steps)
         if self.ddp is None:
             return self.model.loss(batch, step)
         if self.calls >= self.accum_steps:

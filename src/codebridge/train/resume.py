@@ -27,6 +27,7 @@ SAFE = (
     "train.grad_clip",
     "train.precision",
     "train.compile",  # speed only: the same numbers within float rounding
+    "train.grad_checkpointing",  # recomputes the same activations
     "train.log_every",
     "train.eval_every",
     "train.checkpoint_every",

@@ -35,14 +35,18 @@ from codebridge.train.checkpoint import (
     save_checkpoint,
 )
 from codebridge.train.health import CollapseWatch, unhealthy
+from codebridge.train.memory import checkpoint_towers
 from codebridge.train.metrics_log import RunLog
 from codebridge.train.optim import WarmupCosine, build_optimizer, lr_at
 from codebridge.train.parallel import (
     GradientSync,
     barrier,
     broadcast_state,
+    clip_grad_norm,
     init_distributed,
+    is_sharded,
     lost_contact,
+    model_state,
     rank_zero_says,
     shutdown_distributed,
 )
@@ -173,10 +177,11 @@ class Trainer:
         self.tokenizer = self._tokenizer(samples)
         prep = Preprocessors(cfg.prep, self.tokenizer)
         self.model = CodeBridgeModel(cfg, cfg.data.modalities, prep).to(device)
+        checkpoint_towers(self.model.encoders, cfg.train.grad_checkpointing)
         if cfg.train.compile:
             self.model.compile_towers()
         broadcast_state(self.model)
-        self.grad_sync = GradientSync(self.model, cfg.train.grad_sync, cfg.train.accum_steps)
+        self.grad_sync = GradientSync(self.model, cfg.train.grad_sync, cfg.train.accum_steps, shard=cfg.train.shard)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = WarmupCosine(self.optimizer, cfg.train)
         self.state = TrainState(world_size=world_size())
@@ -318,7 +323,7 @@ class Trainer:
         step_loss = all_reduce_mean(torch.stack(losses).mean()).item()
         if not math.isfinite(step_loss):
             raise TrainingDiverged(self.state.step + 1, f"loss is {step_loss}", dict(parts), self.last_saved)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf).item()
+        grad_norm = clip_grad_norm(self.model, cfg.grad_clip or math.inf)
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(self.state.step + 1, f"gradient norm is {grad_norm}", dict(parts), self.last_saved)
         self.optimizer.step()
@@ -385,23 +390,26 @@ class Trainer:
 
     def _save_model(self) -> None:
         """RUN/model/ (rank 0), written beside and renamed so a crash never leaves half a model."""
+        state = model_state(self.model)  # collective when the towers are sharded
         if rank() == 0:
             with atomic_dir(self.run_dir / MODEL_DIR) as tmp:
-                self.model.save(tmp)
+                self.model.save(tmp, state)
             log.info("model saved to %s", self.run_dir / MODEL_DIR)
         barrier()
 
     def _evaluate(self) -> None:
-        """Retrieval on ``data.val`` (rank 0), without touching any random generator so training is unchanged."""
+        """Retrieval on ``data.val`` (rank 0; every rank in step when the towers are sharded, as their forward
+        gathers parameters from all), without touching any random generator so training is unchanged."""
         spec = self.cfg.data.val
-        if spec and rank() == 0:
+        if spec and (rank() == 0 or is_sharded(self.model)):
             from codebridge.eval.run import evaluate_model
 
             with preserved_rng():
                 metrics = evaluate_model(self.model, spec, task="retrieval", batch_size=self.cfg.train.batch_size)
             self.model.train()
-            self.log.eval(self.state.step, spec, metrics)
-            atomic_write_json(self.run_dir / EVAL_FILE, metrics)
+            if rank() == 0:
+                self.log.eval(self.state.step, spec, metrics)
+                atomic_write_json(self.run_dir / EVAL_FILE, metrics)
         barrier()
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class Attention(nn.Module):
@@ -57,17 +58,23 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of pre-norm blocks; padded keys (``mask`` False) are never attended to."""
+    """A stack of pre-norm blocks; padded keys (``mask`` False) are never attended to.
+
+    ``checkpointing`` (``train.grad_checkpointing``): while gradients are recorded, each block keeps only its input
+    and recomputes its activations in the backward pass (less memory, one more forward per block).
+    """
 
     def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         """x: [B,T,D]; mask: [B,T] bool, True = real token; causal: each position sees only itself and the past."""
         allowed = attention_mask(mask, x.shape[1], causal, x.device)
+        recompute = self.checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, allowed)
+            x = checkpoint(block, x, allowed, use_reentrant=False) if recompute else block(x, allowed)
         return x
 
 
