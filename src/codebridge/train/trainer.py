@@ -276,10 +276,12 @@ class Trainer:
             for name, value in micro_parts.items():
                 parts[name] += value.detach().float() / cfg.accum_steps
         self.grad_sync.finish()
-        step_loss = all_reduce_mean(torch.stack(losses).mean()).item()
+        mean_loss = all_reduce_mean(torch.stack(losses).mean())
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        # the step's one host read: both numbers decide whether the optimizer may step (a non-finite step is dropped)
+        step_loss, grad_norm = torch.stack([mean_loss, norm.to(mean_loss)]).tolist()
         if not math.isfinite(step_loss):
             raise TrainingDiverged(self.state.step + 1, f"loss is {step_loss}", dict(parts), self.last_saved)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf).item()
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(self.state.step + 1, f"gradient norm is {grad_norm}", dict(parts), self.last_saved)
         self.optimizer.step()
