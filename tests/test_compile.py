@@ -1,4 +1,4 @@
-"""``CodeBridgeModel.compile_towers`` (``train.compile``): compiled encoders train like eager ones.
+"""``CodeBridgeModel.compile_step`` (``train.compile``): compiled encoders and bridge train like eager ones.
 
 The default suite runs dynamo's graph capture and AOT autograd (backend "aot_eager": the graphs inductor would get,
 without generating C++), so it takes seconds; the inductor run through the trainer is in
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from codebridge.data.preprocess import Preprocessors, Tokenizer
@@ -35,12 +36,14 @@ def batch(seed: int) -> dict:
     }
 
 
-def test_compiled_towers_give_the_eager_losses_and_weights() -> None:
+@pytest.mark.parametrize("bridge", ["clip", "fdt", "codebook"])
+def test_compiled_step_gives_the_eager_losses_and_weights(bridge: str) -> None:
     cfg = small_config()
+    cfg.model.bridge.name = bridge
     torch.manual_seed(0)
     eager = CodeBridgeModel(cfg, ["image", "text"], Preprocessors(cfg.prep, Tokenizer.train(CAPTIONS, cfg.prep.text)))
     compiled = copy.deepcopy(eager)
-    compiled.compile_towers(backend="aot_eager")
+    compiled.compile_step(backend="aot_eager")
     runs = {}
     for name, model in (("eager", eager), ("compiled", compiled)):
         model.train()

@@ -87,13 +87,14 @@ class CodeBridgeModel(nn.Module):
     def loss(self, batch: Batch, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.bridge.loss(self(batch, step), step)
 
-    def compile_towers(self, backend: str = "inductor") -> None:
-        """``torch.compile`` each encoder in place (``Module.compile``: parameter names, the state dict, checkpoints
-        and saved models stay as they are). The bridge stays eager: its custom autograd functions (chunked max,
-        sparsemax) and data-dependent code selection are its own work to speed up. ``on_device`` stays outside,
-        a few elementwise ops per batch."""
+    def compile_step(self, backend: str = "inductor") -> None:
+        """``torch.compile`` the training step in place (``train.compile``): each encoder (``Module.compile``:
+        parameter names, the state dict, checkpoints and saved models stay as they are) and the bridge's hot path
+        (``Bridge.compile_hot_path``: the tensor work of its forward and loss, without host reads;
+        tests/test_compile_clean.py). ``on_device`` stays outside, a few elementwise ops per batch."""
         for encoder in self.encoders.values():
             encoder.compile(backend=backend)
+        self.bridge.compile_hot_path(backend=backend)
 
     # ---------------------------------------------------------------------------------------------- inference
     @torch.no_grad()

@@ -158,17 +158,18 @@ def shard_towers(model: nn.Module) -> list[FSDPModule]:
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """``clip_grad_norm_`` over every gradient, sharded (FSDP) or not: torch's refuses a mix of the two."""
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over every gradient, sharded (FSDP) or not: torch's refuses a mix of the two. The total
+    norm stays a tensor (no host read here: the trainer reads it together with the loss)."""
     params = [p for p in model.parameters() if p.grad is not None]
     groups = [[p for p in params if isinstance(p.grad, DTensor) is sharded] for sharded in (True, False)]
     if not groups[0]:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in groups if group]
     total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
     for group in groups:
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return total.item()
+    return total
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -179,7 +179,7 @@ class Trainer:
         self.model = CodeBridgeModel(cfg, cfg.data.modalities, prep).to(device)
         checkpoint_towers(self.model.encoders, cfg.train.grad_checkpointing)
         if cfg.train.compile:
-            self.model.compile_towers()
+            self.model.compile_step()
         broadcast_state(self.model)
         self.grad_sync = GradientSync(self.model, cfg.train.grad_sync, cfg.train.accum_steps, shard=cfg.train.shard)
         self.optimizer = build_optimizer(self.model, cfg.train)
@@ -320,10 +320,12 @@ class Trainer:
             for name, value in micro_parts.items():
                 parts[name] += value.detach().float() / cfg.accum_steps
         self.grad_sync.finish()
-        step_loss = all_reduce_mean(torch.stack(losses).mean()).item()
+        mean_loss = all_reduce_mean(torch.stack(losses).mean())
+        norm = clip_grad_norm(self.model, cfg.grad_clip or math.inf)
+        # the step's one host read: both numbers decide whether the optimizer may step (a non-finite step is dropped)
+        step_loss, grad_norm = torch.stack([mean_loss, norm.to(mean_loss)]).tolist()
         if not math.isfinite(step_loss):
             raise TrainingDiverged(self.state.step + 1, f"loss is {step_loss}", dict(parts), self.last_saved)
-        grad_norm = clip_grad_norm(self.model, cfg.grad_clip or math.inf)
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(self.state.step + 1, f"gradient norm is {grad_norm}", dict(parts), self.last_saved)
         self.optimizer.step()

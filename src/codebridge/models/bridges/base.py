@@ -7,6 +7,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -174,3 +175,12 @@ class Bridge(nn.Module):
     def post_step(self) -> None:
         """Hook run after each optimizer step (clamps, schedules)."""
         self.logit_scale.post_step()
+
+    def compile_hot_path(self, **options: Any) -> None:
+        """Compile this bridge's training step in place: ``forward`` and ``loss`` each become one
+        ``torch.compile(..., **options)`` graph. Every bridge's training forward and loss trace without a graph break
+        and without a recompile per step (no host reads, usage counters as device tensors; tests/test_compile_clean.py),
+        except SimVQ with dead-code restarts, the mm_ema / cross_commitment mask check and the codebook's k-means init
+        (first training batch only), which read the host: with ``fullgraph=True`` run one step before compiling."""
+        self.forward = torch.compile(self.forward, **options)
+        self.loss = torch.compile(self.loss, **options)

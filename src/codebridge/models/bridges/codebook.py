@@ -159,11 +159,12 @@ def dominant_codes(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
 
 
 class _Agreement:
-    """Per pair (and over all modalities): samples whose dominant codes match, and samples seen (CMG's equal_num)."""
+    """Per pair (and over all modalities): samples whose dominant codes match, and samples seen (CMG's equal_num).
+    Both are device tensors: counting never waits for the device, nor recompiles a compiled forward."""
 
     def __init__(self) -> None:
         self.matches: dict[str, torch.Tensor] = {}
-        self.seen: dict[str, int] = {}
+        self.seen: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def add(self, dominant: dict[str, torch.Tensor]) -> None:
@@ -175,11 +176,12 @@ class _Agreement:
         groups["all"] = torch.stack([dominant[m] == first for m in names]).all(0)
         for key, same in groups.items():
             self.matches[key] = self.matches.get(key, 0) + same.sum()
-            self.seen[key] = self.seen.get(key, 0) + len(same)
+            self.seen[key] = torch.full((), len(same), device=same.device) + self.seen.get(key, 0)
 
     def summary(self) -> dict[str, float]:
         return {
-            ("agreement" if k == "all" else f"agreement/{k}"): float(self.matches[k]) / self.seen[k] for k in self.seen
+            ("agreement" if k == "all" else f"agreement/{k}"): float(self.matches[k]) / self.seen[k].item()
+            for k in self.seen
         }
 
 

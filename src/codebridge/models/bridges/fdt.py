@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from codebridge.models.bridges.base import (
     pairwise_contrastive,
 )
 from codebridge.models.bridges.fdt_grounding import pooled_scores, token_scores
+from codebridge.models.bridges.host_reads import host_reads_free
 from codebridge.models.bridges.sparsemax import AdaptiveTopkSparsemax, sparsemax
 from codebridge.models.features import BridgeOutput, Features
 
@@ -176,7 +177,9 @@ class FdtBridge(Bridge):
     def _queries(self, m: str, f: Features) -> torch.Tensor:
         if m not in self.query:
             raise KeyError(f"fdt bridge: no query MLP for modality {m!r}; it was built for {sorted(self.query)}")
-        if self.fdt.pad_mode == "neg_inf" and not bool(f.mask.any(1).all()):
+        # a host read: checked where it is free (CPU, eager); on an accelerator such an input gives a NaN loss, which
+        # the trainer reports as a diverged step
+        if self.fdt.pad_mode == "neg_inf" and host_reads_free(f.mask) and not bool(f.mask.any(1).all()):
             raise ValueError(f"fdt bridge: a {m} input has no real token (mask all False); nothing to ground on")
         return self.query[m](f.tokens)
 
@@ -186,7 +189,16 @@ class FdtBridge(Bridge):
         """``step`` None (evaluation): use the stored step; in training mode a given step is also stored."""
         if step is not None and self.training:
             self.step.fill_(step)
-        temperature = self.temperature(step)
+        outputs, weights = self._ground(features, self.temperature(step), token_scores)
+        if self.training:
+            self._usage.update(weights)
+        return outputs
+
+    def _ground(
+        self, features: dict[str, Features], temperature: float, token_scores: bool
+    ) -> tuple[dict[str, BridgeOutput], dict[str, torch.Tensor]]:
+        """(outputs, token weights per modality): the step's tensor work, without the Python temperature schedule
+        and the usage counters (what ``compile_hot_path`` compiles)."""
         outputs, weights = {}, {}
         for m, f in features.items():
             q = self._queries(m, f)
@@ -198,9 +210,13 @@ class FdtBridge(Bridge):
                 extras["token_scores"] = self._token_scores(q, f.mask, temperature)
             outputs[m] = BridgeOutput(F.normalize(pooled, dim=-1), extras)
             weights[m] = w
-        if self.training:
-            self._usage.update(weights)
-        return outputs
+        return outputs, weights
+
+    def compile_hot_path(self, **options: Any) -> None:
+        """Compiles ``_ground`` and ``_loss``: the temperature schedule's Python math (``math.exp``, ``math.cos``)
+        would make a graph that contains it recompile at every step."""
+        self._ground = torch.compile(self._ground, **options)
+        self._loss = torch.compile(self._loss, **options)
 
     def _scaled(self, scores: torch.Tensor) -> torch.Tensor:
         """Scores times the learned grounding scale (with ``learnable_scale``; a positive factor commutes with every
@@ -232,6 +248,11 @@ class FdtBridge(Bridge):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Sum over every present pair of the symmetric InfoNCE on the FDT embeddings (negatives from all ranks), plus
         ``overuse_weight`` times the ``overuse_penalty`` of every modality's weights when that weight is > 0."""
+        total, logs = self._loss(outputs)
+        return total, logs | {"fdt/temperature": total.new_full((), self.temperature(step))}  # a fill, not a copy
+
+    def _loss(self, outputs: dict[str, BridgeOutput]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``loss`` but the temperature it logs (what ``compile_hot_path`` compiles)."""
         fdt = self.fdt
         scale = self.logit_scale()
         embeddings = {m: out.embedding for m, out in outputs.items()}
@@ -246,7 +267,6 @@ class FdtBridge(Bridge):
         logs = {
             "logit_scale": scale,
             "fdt/active": active,
-            "fdt/temperature": scale.new_tensor(self.temperature(step)),
             "fdt/token_norm": self.tokens.detach().norm(dim=-1).mean(),
         }
         if fdt.learnable_scale:

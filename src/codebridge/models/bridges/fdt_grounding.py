@@ -19,6 +19,8 @@ from typing import Literal
 
 import torch
 
+from codebridge.models.bridges.host_reads import host_reads_free
+
 PadMode = Literal["neg_inf", "zero"]
 Pooling = Literal["max", "mean", "sum"]
 
@@ -74,10 +76,13 @@ class ChunkedMaxPool(torch.autograd.Function):
     operations, so the same scores), reduced over the chunk and merged in place into the running max and argmax.
     Ties go to the first position, as in ``Tensor.max(dim)``.
     Backward: the gradient of a max reaches only its argmax, and is zero wherever the pooled gradient is (outside
-    the sparsemax support) or the argmax is a padded position (a constant score). So the scattered gradient is a
-    sparse [B*T, C] matrix with at most B*C entries, and two sparse-dense products give grad q and grad tokens:
-    2*nnz*d multiply-adds instead of the naive 4*B*T*C*d. Samples go in groups spanning no more (sample,
-    position) rows than a forward chunk (B*chunk), so both passes need O(B*chunk*C) memory.
+    the sparsemax support) or the argmax is a padded position (a constant score). On the CPU (``host_reads_free``)
+    the scattered gradient is a sparse [B*T, C] matrix with at most B*C entries, and two sparse-dense products give
+    grad q and grad tokens: 2*nnz*d multiply-adds instead of the naive 4*B*T*C*d; samples go in groups spanning no
+    more (sample, position) rows than a forward chunk (B*chunk). Finding the entries (``nonzero``) would stall an
+    accelerator's host and break a compiled graph, so there the scattered gradient is built densely, ``chunk``
+    positions at a time, and multiplied like the forward (``_dense_backward``): fixed shapes, no sync. Both passes
+    need O(B*chunk*C) memory either way; the token table's gradient is a dense [C, d] tensor in both.
     """
 
     @staticmethod
@@ -90,7 +95,8 @@ class ChunkedMaxPool(torch.autograd.Function):
         idx, where = (torch.empty(batch, tokens.shape[0], dtype=torch.long, device=q.device) for _ in range(2))
         better = torch.empty(batch, tokens.shape[0], dtype=torch.bool, device=q.device)
         fill = float("-inf") if pad_mode == "neg_inf" else 0.0
-        padded = (~mask).any(0).tolist()  # positions padded in some sample (one device sync, not one per chunk)
+        # positions padded in some sample, to skip masking the others (a host read: CPU only; elsewhere mask all)
+        padded = (~mask).any(0).tolist() if host_reads_free(mask) else [True] * length
         with torch.autocast(q.device.type, enabled=False):  # dtype is chosen above; out= needs exact dtypes
             for start in range(0, length, chunk):
                 size = min(chunk, length - start)
@@ -106,7 +112,7 @@ class ChunkedMaxPool(torch.autograd.Function):
                 torch.where(better, where.add_(start), idx, out=idx)
                 torch.maximum(best, value, out=best)
         ctx.save_for_backward(q, tokens, mask, idx)
-        ctx.scale, ctx.group = scale, max(1, batch * chunk // length)  # rows per group <= rows per chunk
+        ctx.scale, ctx.chunk = scale, chunk
         return best
 
     @staticmethod
@@ -118,21 +124,9 @@ class ChunkedMaxPool(torch.autograd.Function):
         qw, tw = q.to(work), tokens.to(work)
         grad_q = torch.empty_like(qw) if ctx.needs_input_grad[0] else None
         grad_t = torch.zeros_like(tw) if ctx.needs_input_grad[1] else None
-        batch, length, dim = q.shape
         live = (grad != 0) & mask.gather(1, idx)
-        for first in range(0, batch, ctx.group):
-            size = min(ctx.group, batch - first)
-            local, c = live[first : first + size].nonzero(as_tuple=True)
-            b = local + first
-            rows = local * length + idx[b, c]
-            values = grad[b, c].to(work) * ctx.scale
-            g = torch.sparse_coo_tensor(
-                torch.stack([rows, c]), values, (size * length, tokens.shape[0]), check_invariants=False
-            )
-            if grad_q is not None:  # written in place: no zero-filled [rows, d] temporaries per group
-                torch.mm(g, tw, out=grad_q[first : first + size].view(size * length, dim))
-            if grad_t is not None:
-                grad_t.addmm_(g.t(), qw[first : first + size].reshape(size * length, dim))
+        scattered = _sparse_backward if host_reads_free(grad) else _dense_backward
+        scattered(grad.to(work) * ctx.scale, live, qw, tw, idx, ctx.chunk, grad_q, grad_t)
         return (
             None if grad_q is None else grad_q.to(q.dtype),
             None if grad_t is None else grad_t.to(tokens.dtype),
@@ -141,6 +135,62 @@ class ChunkedMaxPool(torch.autograd.Function):
             None,
             None,
         )
+
+
+_Out = torch.Tensor | None
+
+
+def _sparse_backward(
+    g: torch.Tensor,
+    live: torch.Tensor,
+    qw: torch.Tensor,
+    tw: torch.Tensor,
+    idx: torch.Tensor,
+    chunk: int,
+    grad_q: _Out,
+    grad_t: _Out,
+) -> None:
+    """Fills grad q and grad tokens from the sparse scattered gradient: ``g`` [B, C] (pooled gradient times the
+    scale) at (b, idx[b, c], c) where ``live`` (CPU: ``nonzero`` reads the host)."""
+    batch, length, dim = qw.shape
+    group = max(1, batch * chunk // length)  # rows per group <= rows per forward chunk
+    for first in range(0, batch, group):
+        size = min(group, batch - first)
+        local, c = live[first : first + size].nonzero(as_tuple=True)
+        b = local + first
+        rows = local * length + idx[b, c]
+        sparse = torch.sparse_coo_tensor(
+            torch.stack([rows, c]), g[b, c], (size * length, tw.shape[0]), check_invariants=False
+        )
+        if grad_q is not None:  # written in place: no zero-filled [rows, d] temporaries per group
+            torch.mm(sparse, tw, out=grad_q[first : first + size].view(size * length, dim))
+        if grad_t is not None:
+            grad_t.addmm_(sparse.t(), qw[first : first + size].reshape(size * length, dim))
+
+
+def _dense_backward(
+    g: torch.Tensor,
+    live: torch.Tensor,
+    qw: torch.Tensor,
+    tw: torch.Tensor,
+    idx: torch.Tensor,
+    chunk: int,
+    grad_q: _Out,
+    grad_t: _Out,
+) -> None:
+    """``_sparse_backward``'s result from the scattered gradient built densely, ``chunk`` positions at a time:
+    position t of sample b gets ``g[b, c]`` for every live token c whose argmax is t (fixed shapes, no host read)."""
+    batch, length, dim = qw.shape
+    g = torch.where(live, g, 0.0).unsqueeze(1)  # [B, 1, C]
+    for start in range(0, length, chunk):
+        size = min(chunk, length - start)
+        positions = torch.arange(start, start + size, device=idx.device).view(1, size, 1)
+        scattered = torch.where(idx.unsqueeze(1) == positions, g, 0.0)  # [B, size, C]
+        if grad_q is not None:
+            grad_q[:, start : start + size] = scattered @ tw
+        if grad_t is not None:
+            flat = scattered.reshape(batch * size, -1)
+            grad_t.addmm_(flat.T, qw[:, start : start + size].reshape(batch * size, dim))
 
 
 def pooled_scores(

@@ -4,11 +4,15 @@
 while the k-th value is still in the support, so it stays exact (like entmax's ``k``). Both compute in at least
 fp32 (bf16 autocast cannot round the threshold away) and share one autograd Function whose backward is the closed
 form ``(g - mean of g over the support) * support`` instead of autograd through sort and cumsum.
+The top-k search reads the support size on the host, so ``AdaptiveTopkSparsemax`` uses it only where that read is
+free (``host_reads_free``: CPU, eager); on an accelerator and under ``torch.compile`` it sorts (same result, no sync).
 """
 
 from __future__ import annotations
 
 import torch
+
+from codebridge.models.bridges.host_reads import host_reads_free
 
 
 def _threshold(z: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -69,6 +73,8 @@ class AdaptiveTopkSparsemax:
     k is set to twice the largest support of the last call (at least ``min_k``), so a support that grows
     by less than 2x between calls costs no retry, and one that shrinks makes the next top-k cheaper.
     k is a speed hint only (results are exact for every k), so it is not saved with the model.
+    Where reading the support size would stall the host or break a compiled graph (``host_reads_free`` false), the
+    full-sort ``sparsemax`` runs instead: the same exact result, with fixed shapes.
     """
 
     def __init__(self, min_k: int = 64) -> None:
@@ -78,6 +84,8 @@ class AdaptiveTopkSparsemax:
         self.k = min_k
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if not host_reads_free(z):
+            return sparsemax(z)
         out = topk_sparsemax(z, self.k)
         support = int((out > 0).sum(-1).max()) if out.numel() else 0
         self.k = max(self.min_k, 2 * support)

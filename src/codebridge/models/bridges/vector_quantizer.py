@@ -163,6 +163,9 @@ class EMAVectorQuantizer(nn.Module):
         self._init_codes()
         self.register_buffer("unused_steps", torch.zeros(num_codes, dtype=torch.long))
         self.register_buffer("initted", torch.tensor(not kmeans_init))
+        # whether ``initted`` must still be read (a host read, once): set again whenever a state dict is loaded
+        self._check_init = kmeans_init
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_check_init", True))
         self._usage: dict[str, torch.Tensor] = {}
 
     def _init_codes(self) -> None:
@@ -196,8 +199,10 @@ class EMAVectorQuantizer(nn.Module):
         # garbage-proof padding (after _prepare too: it must not turn a padded 0 into something else)
         xs = {m: self._prepare(x.masked_fill(~masks[m].unsqueeze(-1), 0.0)) for m, x in inputs.items()}
         xs = {m: x.masked_fill(~masks[m].unsqueeze(-1), 0.0) for m, x in xs.items()}
-        if self.training and not bool(self.initted):
-            self._kmeans_init(torch.cat([x.detach()[masks[m]] for m, x in xs.items()]))
+        if self.training and self._check_init:
+            if not bool(self.initted):
+                self._kmeans_init(torch.cat([x.detach()[masks[m]] for m, x in xs.items()]))
+            self._check_init = False
         device = next(iter(xs.values())).device.type
         with torch.autocast(device, enabled=False):
             live = self.code_vectors()
@@ -289,11 +294,12 @@ class EMAVectorQuantizer(nn.Module):
         names = list(xs)
         out = self.unused_steps.new_zeros(len(names), self.num_codes, 1 + self.dim, dtype=self.code_dtype)
         for i, m in enumerate(names):
-            valid = codes[m] >= 0
+            valid = (codes[m] >= 0).unsqueeze(-1)
             target = self._mixed_target(xs, m) if self.mm_ema and len(names) > 1 else xs[m]
             target = target.detach().to(out.dtype)
-            rows = torch.cat([torch.ones_like(target[..., :1]), target], dim=-1)[valid]
-            out[i].index_add_(0, codes[m][valid], rows)
+            # padded rows become zeros added to code 0 (no boolean indexing: fixed shapes, no host read)
+            rows = torch.cat([torch.ones_like(target[..., :1]), target], dim=-1) * valid
+            out[i].index_add_(0, codes[m].clamp_min(0).flatten(), rows.flatten(0, 1))
         return out
 
     @staticmethod
@@ -365,19 +371,30 @@ class EMAVectorQuantizer(nn.Module):
     @torch.no_grad()
     def _restart_dead(self, used: torch.Tensor, xs: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
         """Count batches without use; move codes unused for ``dead_code_threshold`` batches onto random encoder
-        vectors of this batch (rank 0's, broadcast, so every rank restarts identically), as if each had been
-        assigned one vector per batch (N = 1, W = E)."""
+        vectors of this batch (rank 0's, broadcast, so every rank restarts identically; counters are the same on
+        every rank, built from statistics summed over ranks).
+
+        Done every training batch with fixed-shape tensor operations (no ``nonzero``, no host read of how many codes
+        died): a candidate vector is drawn for every code and only the dead ones take it (``_restart``)."""
         self.unused_steps.add_(1).masked_fill_(used, 0)
         if self.dead_code_threshold <= 0:
             return
-        dead = (self.unused_steps >= self.dead_code_threshold).nonzero().squeeze(-1)
-        if dead.numel() == 0:  # the same on every rank: counters are built from statistics summed over ranks
-            return
-        pool = torch.cat([x.detach()[masks[m]] for m, x in xs.items()])
-        picks = torch.randint(len(pool), (len(dead),), device=pool.device)  # drawn on every rank, rank 0's used
-        fresh = _from_rank0_(pool[picks].to(self.code_dtype).contiguous())
-        self._set_codes(dead, fresh, torch.ones(len(dead), device=fresh.device))
-        self.unused_steps[dead] = 0
+        pool = torch.cat([x.detach().flatten(0, 1) for x in xs.values()])  # [N, D], padded rows included
+        seen = torch.cat([masks[m].flatten() for m in xs]).cumsum(0)  # valid rows up to each row
+        # the i-th valid row (i uniform in [0, valid rows)) is the first row where ``seen`` exceeds i
+        draws = (torch.rand(self.num_codes, device=pool.device) * seen[-1]).long().clamp_max(seen[-1] - 1)
+        picks = torch.searchsorted(seen, draws, right=True).clamp_max(len(pool) - 1)
+        fresh = _from_rank0_(pool[picks].to(self.code_dtype).contiguous())  # drawn on every rank, rank 0's used
+        dead = (self.unused_steps >= self.dead_code_threshold) & (seen[-1] > 0)
+        self._restart(dead, fresh)
+        self.unused_steps.masked_fill_(dead, 0)
+
+    @torch.no_grad()
+    def _restart(self, dead: torch.Tensor, fresh: torch.Tensor) -> None:
+        """Codes where ``dead`` [K] become ``fresh`` [K, D], as if each had been assigned one vector (N = 1, W = E)."""
+        self.embed.copy_(torch.where(dead.unsqueeze(-1), fresh.to(self.embed.dtype), self.embed))
+        self.cluster_size.masked_fill_(dead, 1.0)
+        self.embed_sum.copy_(torch.where(dead.unsqueeze(-1), self.embed, self.embed_sum))
 
     @torch.no_grad()
     def _set_codes(self, index: torch.Tensor, vectors: torch.Tensor, counts: torch.Tensor) -> None:
@@ -409,8 +426,8 @@ class EMAVectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _count_usage(self, codes: dict[str, torch.Tensor]) -> None:
-        for m, c in codes.items():
-            counts = torch.bincount(c[c >= 0], minlength=self.num_codes)
+        for m, c in codes.items():  # a scatter, not bincount of the valid codes: fixed shapes, no host read
+            counts = c.new_zeros(self.num_codes).scatter_add_(0, c.clamp_min(0).flatten(), (c >= 0).flatten().long())
             self._usage[m] = self._usage[m] + counts if m in self._usage else counts
 
 
@@ -439,6 +456,14 @@ class SimVectorQuantizer(EMAVectorQuantizer):
 
     def _update(self, stats: torch.Tensor) -> None:
         """No EMA: the codes move through W's gradient."""
+
+    @torch.no_grad()
+    def _restart(self, dead: torch.Tensor, fresh: torch.Tensor) -> None:
+        """Only codes that died are solved for (a pseudo-inverse, which reads the host on CUDA anyway): this restart
+        reads on the host whether any code died, so SimVQ with ``dead_code_threshold`` > 0 is not compile-clean."""
+        if dead.any():
+            index = dead.nonzero().squeeze(-1)
+            self._set_codes(index, fresh[index], torch.ones(len(index), device=fresh.device))
 
     @torch.no_grad()
     def _set_codes(self, index: torch.Tensor, vectors: torch.Tensor, counts: torch.Tensor) -> None:
