@@ -220,7 +220,8 @@ def write_table(results: dict, path: Path) -> None:
     ]
     for suite, metric in TABLE_METRICS:
         cells = [_cell(results[b].get(suite, {}), metric) for b in bridges]
-        lines.append(f"| {suite} | {metric} | " + " | ".join(cells) + " |")
+        if any(c != "n/a" for c in cells):  # a results file with some suites only shows those
+            lines.append(f"| {suite} | {metric} | " + " | ".join(cells) + " |")
     lines += verdict_lines(results, bridges)
     atomic_write_text(path, "\n".join(lines) + "\n")
 

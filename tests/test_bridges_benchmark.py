@@ -55,4 +55,5 @@ def test_table_shows_spread_and_verdicts(tmp_path: Path) -> None:
     assert "| emoji-style | text_to_image_R@1 | 0.360 ± 0.010 | 0.390 ± 0.010 | 0.300 |" in table
     assert "| emoji-style | text_to_image_R@1 | fdt - clip | +0.030 | 0.014 | 3 / 3 | win |" in table
     assert "| codebook - clip | -0.060 | n/a | 1 / 3 | one seed: no verdict |" in table
+    assert "emoji-voice" not in table  # suites no cell has are left out
     json.dumps(results)  # the cells stay JSON
