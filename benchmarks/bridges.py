@@ -31,19 +31,36 @@ from typing import Any
 import torch
 
 from codebridge.config import load_config
-from codebridge.eval.run import evaluate
+from codebridge.eval.run import TaskNotAvailable, evaluate
 from codebridge.files import atomic_write_text
 from codebridge.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# task -> (recipe suffix, overrides of the recipe, [(suite written in the results, eval spec, eval task)])
+# task -> (recipe suffix, overrides of the recipe, [(suite written in the results, eval spec, eval task)]); a
+# corpus task's validation split also chooses the weight of fused retrieval for the bridges that have one
 TASKS: dict[str, tuple[str, list[str], list[tuple[str, str, str]]]] = {
     "style": ("", [], [("emoji-style", "emoji-style:test", "retrieval")]),
     "concept": (
         "",
         ["data.train=emoji-concept:train", "data.val=emoji-concept:test"],
         [("emoji-concept", "emoji-concept:test", "retrieval")],
+    ),
+    # the multi-style corpus (`codebridge data corpus`): train on every emoji style but the held-out one
+    "corpus-style": (
+        "",
+        ["data.train=corpus-style:train", "data.val=corpus-style:val"],
+        # the headline queries the twitter art with the old style split's test set (one CLDR label per concept) so
+        # it compares with emoji-style; -captions: every caption of the corpus (templates, keywords, 4 languages)
+        [
+            ("corpus-style", "emoji-style:test", "retrieval"),
+            ("corpus-style-captions", "corpus-style:test", "retrieval"),
+        ],
+    ),
+    "corpus-style-noto": (
+        "",
+        ["data.train=corpus-style-noto:train", "data.val=corpus-style-noto:val"],
+        [("corpus-style-noto", "corpus-style-noto:test", "retrieval")],
     ),
     "speech": ("-speech", [], [("emoji-voice", "emoji-voice:test", "retrieval")]),
     "video": ("-video", [], [("emoji-clips", "emoji-clips:test", "retrieval")]),
@@ -81,13 +98,26 @@ def run_task(bridge: str, task: str, seed: int, args: argparse.Namespace) -> dic
     results: dict[str, dict[str, float]] = {}
     for suite, spec, eval_task in evals:
         metrics = results.setdefault(suite, {})
-        metrics.update(evaluate(run_dir / "model", spec, eval_task))
+        fuse_on = cfg.data.val if eval_task == "retrieval" and cfg.data.val.endswith(":val") else None
+        metrics.update(
+            evaluate_fused(run_dir / "model", spec, fuse_on)
+            if fuse_on
+            else evaluate(run_dir / "model", spec, eval_task)
+        )
         if not args.eval_only:  # re-evaluation keeps the training figures already in the results
             metrics["train_minutes"] = round(minutes, 2)
             metrics["budget_minutes"] = args.minutes
         metrics["train_steps"] = last_step(run_dir)
         metrics.update(last_usage(run_dir))
     return results
+
+
+def evaluate_fused(model: Path, spec: str, fuse_on: str) -> dict[str, float]:
+    """Retrieval, plus fused retrieval with its weight chosen on ``fuse_on`` where the bridge has a discrete part."""
+    try:
+        return evaluate(model, spec, "retrieval", fuse_on=fuse_on)
+    except TaskNotAvailable:  # clip: no discrete part to fuse
+        return evaluate(model, spec, "retrieval")
 
 
 def last_step(run_dir: Path) -> int:
@@ -112,6 +142,12 @@ RECALLS = [f"{d}_R@{k}" for d in ("text_to_image", "image_to_text") for k in (1,
 TABLE_METRICS = [
     *(("emoji-style", m) for m in RECALLS),
     *(("emoji-concept", m) for m in RECALLS),
+    *(("corpus-style", m) for m in RECALLS),
+    *(("corpus-style", f"fused_{m}") for m in RECALLS if m.endswith("R@1")),
+    ("corpus-style", "fusion_weight"),
+    *(("corpus-style-captions", m) for m in RECALLS if m.endswith("R@1")),
+    *(("corpus-style-captions", f"fused_{m}") for m in RECALLS if m.endswith("R@1")),
+    *(("corpus-style-noto", m) for m in RECALLS),
     ("emoji-voice", "image_to_audio_R@1"),
     ("emoji-voice", "audio_to_image_R@1"),
     ("emoji-clips", "video_to_text_R@1"),
@@ -130,6 +166,13 @@ TABLE_METRICS = [
     ("emoji-style", "fdt/text/active"),
     ("emoji-style", "fdt/agree/image-text"),
     ("emoji-style", "train_steps"),
+    ("corpus-style", "fdt/image/active"),
+    ("corpus-style", "fdt/text/active"),
+    ("corpus-style", "fdt/agree/image-text"),
+    ("corpus-style", "codebook/perplexity"),
+    ("corpus-style", "codebook/dead_fraction"),
+    ("corpus-style", "train_steps"),
+    ("corpus-style-noto", "train_steps"),
 ]
 
 
@@ -148,13 +191,17 @@ def add_seed(cell: dict[str, Any], seed: int, metrics: dict[str, float]) -> None
     cell["n_seeds"] = len(per_seed)
 
 
-def compare(a: dict[str, Any], b: dict[str, Any], metric: str) -> tuple[float, float | None, str]:
-    """Difference of cell ``a`` over cell ``b`` in ``metric``, the standard deviation of that difference (None with
-    fewer than two seeds on either side) and the verdict: "win", "loss" or "within noise"."""
-    diff = a[metric] - b[metric]
+def compare(
+    a: dict[str, Any], b: dict[str, Any], metric: str, b_metric: str | None = None
+) -> tuple[float, float | None, str]:
+    """Difference of cell ``a``'s ``metric`` over cell ``b``'s ``b_metric`` (default the same), the standard
+    deviation of that difference (None with fewer than two seeds on either side) and the verdict: "win", "loss" or
+    "within noise"."""
+    b_metric = b_metric or metric
+    diff = a[metric] - b[b_metric]
     if a.get("n_seeds", 1) < 2 or b.get("n_seeds", 1) < 2:
         return diff, None, "one seed: no verdict"
-    sd = math.hypot(a["std"].get(metric, 0.0), b["std"].get(metric, 0.0))
+    sd = math.hypot(a["std"].get(metric, 0.0), b["std"].get(b_metric, 0.0))
     if abs(diff) > 2 * sd:
         return diff, sd, "win" if diff > 0 else "loss"
     return diff, sd, "within noise"
@@ -171,25 +218,32 @@ def _cell(cell: dict[str, Any], metric: str) -> str:
     return text
 
 
-# (suite, metric) pairs where every other bridge is compared with the baseline in the "wins" table
-VERDICTS = [("emoji-style", "text_to_image_R@1"), ("emoji-concept", "text_to_image_R@1")]
+# (suite, metric of the bridge, metric of the baseline): every other bridge against the baseline in the verdicts
+VERDICTS = [
+    ("emoji-style", "text_to_image_R@1", "text_to_image_R@1"),
+    ("emoji-concept", "text_to_image_R@1", "text_to_image_R@1"),
+    ("corpus-style", "text_to_image_R@1", "text_to_image_R@1"),
+    ("corpus-style", "fused_text_to_image_R@1", "text_to_image_R@1"),  # a discrete bridge's fused scores vs clip's
+    ("corpus-style-noto", "text_to_image_R@1", "text_to_image_R@1"),
+]
 BASELINE = "clip"
 
 
 def verdict_lines(results: dict[str, Any], bridges: list[str]) -> list[str]:
     rows = []
-    for suite, metric in VERDICTS:
+    for suite, metric, base_metric in VERDICTS:
         base = results.get(BASELINE, {}).get(suite)
-        if not base or metric not in base:
+        if not base or base_metric not in base:
             continue
         for b in bridges:
             cell = results[b].get(suite)
             if b == BASELINE or not cell or metric not in cell:
                 continue
-            diff, sd, verdict = compare(cell, base, metric)
+            diff, sd, verdict = compare(cell, base, metric, base_metric)
             seeds = f"{cell.get('n_seeds', 1)} / {base.get('n_seeds', 1)}"
             sd_text = "n/a" if sd is None else f"{sd:.3f}"
-            rows.append(f"| {suite} | {metric} | {b} - {BASELINE} | {diff:+.3f} | {sd_text} | {seeds} | {verdict} |")
+            versus = metric if metric == base_metric else f"{metric} vs {base_metric}"
+            rows.append(f"| {suite} | {versus} | {b} - {BASELINE} | {diff:+.3f} | {sd_text} | {seeds} | {verdict} |")
     if not rows:
         return []
     return [
@@ -250,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     meta["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     meta["commands"] = [c for c in meta.get("commands", []) if c != command] + [command]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for bridge in args.bridges:
+    for seed in args.seeds:  # seed-major: a stopped benchmark leaves every bridge with the same seeds
         for task in args.tasks:
-            for seed in args.seeds:
+            for bridge in args.bridges:
                 for suite, metrics in run_task(bridge, task, seed, args).items():
                     add_seed(results.setdefault(bridge, {}).setdefault(suite, {}), seed, metrics)
                 atomic_write_text(args.out, json.dumps(results, indent=2, sort_keys=True))

@@ -89,6 +89,17 @@ def test_sparsity_path_ends_sparser_than_the_dense_default():
     assert used >= 6  # not one token for everything: the 8 concepts keep (nearly) their own tokens
 
 
+def test_max_active_caps_the_support_and_still_learns():
+    capped, used = train_active_tokens(max_active=4)  # T = 1000 as the dense default, support capped at 4
+    assert capped <= 4
+    assert used >= 6
+
+
+def test_max_active_needs_sparsemax():
+    assert FdtConfig(max_active=8).check() == []
+    assert FdtConfig(max_active=8, activation="softmax").check()
+
+
 def test_learnable_scale_equals_a_lower_temperature_and_is_trained():
     g = torch.Generator().manual_seed(0)
     feats = {

@@ -2,7 +2,7 @@ import entmax
 import pytest
 import torch
 
-from codebridge.models.bridges.sparsemax import AdaptiveTopkSparsemax, sparsemax, topk_sparsemax
+from codebridge.models.bridges.sparsemax import AdaptiveTopkSparsemax, capped_sparsemax, sparsemax, topk_sparsemax
 
 
 def reference_sparsemax(z: torch.Tensor) -> torch.Tensor:
@@ -115,3 +115,32 @@ def test_low_precision_inputs_compute_in_fp32():
     zb = z.clone().requires_grad_()
     sparsemax(zb)[:, 0].sum().backward()
     assert zb.grad.dtype == torch.bfloat16
+
+
+def reference_capped(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Every value outside a row's k largest masked to -inf, then the formula: a plain reading of the cap."""
+    kth = z.sort(-1, descending=True).values[..., k - 1 : k]
+    return reference_sparsemax(torch.where(z >= kth, z, torch.full_like(z, -1e30)))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_capped_sparsemax_matches_the_masked_formula(k):
+    g = torch.Generator().manual_seed(5)
+    for scale in (0.05, 1.0, 20.0):  # support far beyond k, around k, below k
+        z = scale * torch.randn(6, 30, dtype=torch.float64, generator=g)
+        out = capped_sparsemax(z, k)
+        assert ((out > 0).sum(-1) <= k).all()
+        assert torch.allclose(out.sum(-1), torch.ones(6, dtype=z.dtype), atol=1e-12)
+        assert torch.allclose(out, reference_capped(z, k), atol=1e-12)
+        if (sparsemax(z) > 0).sum(-1).max() <= k:  # a support within the cap is left as it is
+            assert torch.allclose(out, sparsemax(z), atol=1e-12)
+
+
+def test_capped_sparsemax_gradient_and_other_dim():
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(4, 12, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: capped_sparsemax(x, 4), (z,))
+    y = torch.randn(5, 12, 3, dtype=torch.float64, generator=g)
+    assert torch.allclose(capped_sparsemax(y, 4, dim=1), capped_sparsemax(y.transpose(1, 2), 4).transpose(1, 2))
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        capped_sparsemax(y, 0)

@@ -218,3 +218,17 @@ def test_training_on_shards_resumes_where_it_stopped(
     if mode == "exact":  # resampled: the same steps and epochs, a new draw (samples drawn with replacement)
         a, b = load_file(straight / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_decoded_cache_serves_later_epochs_without_changing_a_batch(tmp_path: Path, prep: Preprocessors) -> None:
+    shards, keys = make_shards(tmp_path)
+    data = DataConfig(train=str(tmp_path), modalities=["text"], cache_mb=1.0)
+    cfg = Config(data=data, train=TrainConfig(batch_size=4))
+    plain, cached = training_stream(cfg, shards, prep), training_stream(cfg, shards, prep)
+    plain.stream.prep.cache = type(cached.stream.prep.cache)(0.0)  # the same loader without a cache
+    for epoch in range(3):
+        for a, b in zip(plain, cached, strict=True):
+            assert keys_of(a, keys) == keys_of(b, keys)
+            assert all(torch.equal(a["text"][k], b["text"][k]) for k in a["text"]), f"epoch {epoch}"
+        assert len(cached.stream.prep.cache) == sum(SIZES)  # in-process: every sample read, each under its own key
+    assert len(plain.stream.prep.cache) == 0

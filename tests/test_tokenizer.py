@@ -96,3 +96,17 @@ def test_load_names_a_missing_file(tmp_path: Path) -> None:
 def test_context_length_below_two_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="context_length"):
         Tokenizer.train(CORPUS, TextPrep(context_length=1))
+
+
+@pytest.mark.parametrize("first", [0, 2])
+def test_training_draws_from_the_first_train_captions_only(first: int) -> None:
+    from codebridge.data.modalities.text import TextProcessor
+
+    prep = TextPrep(context_length=96, vocab_size=400, train_captions=first)
+    captions = ["grinning face", "Red Heart", "Hund und Katze", "chat qui pleure"]
+    processor = TextProcessor(prep, Tokenizer.train(CORPUS, prep))
+    ids = {tuple(processor.entry([c], train=False)["ids"].tolist()): c for c in captions}
+    g = torch.Generator().manual_seed(0)
+    drawn = {ids[tuple(processor.entry(captions, train=True, generator=g)["ids"].tolist())] for _ in range(64)}
+    assert drawn == set(captions[: first or len(captions)])
+    assert ids[tuple(processor.entry(captions, train=False)["ids"].tolist())] == captions[0]  # eval: the first

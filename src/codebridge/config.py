@@ -217,7 +217,7 @@ class DataConfig:
     skip_bad: bool = False  # skip (and count, and log) unreadable samples instead of stopping
     num_workers: int = num(0, ge=0)
     prefetch: int = num(2, ge=1)  # batches each DataLoader worker prepares ahead (prefetch_factor); 0 workers: unused
-    cache_mb: float = num(0.0, ge=0)  # map-style data: MiB of decoded inputs kept (per worker) so epochs skip decoding
+    cache_mb: float = num(0.0, ge=0)  # MiB of decoded inputs kept (per worker) so later epochs skip decoding
     shuffle_buffer: int = num(1000, ge=0)  # streamed shards: samples held to shuffle within shards (0 or 1: none)
     resampled: bool = False  # streamed shards drawn with replacement, endless; an epoch is data.epoch_samples
     epoch_samples: int = num(0, ge=0)  # resampled: samples per epoch over all ranks (OpenCLIP's --train-num-samples)

@@ -130,8 +130,8 @@ class SampleDataset(Dataset):
         return self.prepare(self.samples[index], index, epoch)
 
     def prepare(self, sample: Sample, index: int, epoch: int) -> Item:
-        """``sample`` preprocessed with the randomness of (seed, epoch, index); ``index`` also keys the decoded
-        cache, so a streamed sample (not in ``samples``) needs a dataset without cache."""
+        """``sample`` preprocessed with the randomness of (seed, epoch, index); (index, source) keys the decoded
+        cache, so a streamed sample (not in ``samples``, index a hash of its source) is cached too."""
         item: Item = {"index": index, "labels": dict(sample.labels)}
         for spec in self.specs:
             generator = _generator(self.seed, epoch, index, spec.stream)
@@ -143,7 +143,7 @@ class SampleDataset(Dataset):
             raise BadSampleError(
                 sample.source, f"has no {modality}, which this run needs (data.modalities={self.modalities})"
             )
-        key = (index, modality)
+        key = (index, sample.source, modality)  # a streamed sample's index is a hash of its source: keep both
         decoded = self.cache.get(key)
         if decoded is None:
             try:
@@ -164,7 +164,7 @@ def nbytes(value: Any) -> int:
 
 
 class DecodedCache:
-    """Decoded inputs by (index, modality), least recently used dropped first so they fit ``mb`` MiB (0: off).
+    """Decoded inputs by (index, source, modality), least recently used dropped first so they fit ``mb`` MiB (0: off).
 
     Why a byte budget: decoded images and clips are ten to a hundred times their files; an unbounded cache grows
     with the data set, per DataLoader worker.
@@ -173,18 +173,18 @@ class DecodedCache:
     def __init__(self, mb: float) -> None:
         self.budget = int(mb * 2**20)
         self.size = 0
-        self._items: OrderedDict[tuple[int, str], tuple[Any, int]] = OrderedDict()
+        self._items: OrderedDict[tuple[int, str, str], tuple[Any, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: tuple[int, str]) -> Any:
+    def get(self, key: tuple[int, str, str]) -> Any:
         if key not in self._items:
             return None
         self._items.move_to_end(key)
         return self._items[key][0]
 
-    def put(self, key: tuple[int, str], value: Any) -> None:
+    def put(self, key: tuple[int, str, str], value: Any) -> None:
         size = nbytes(value)
         if size > self.budget:
             return

@@ -89,7 +89,8 @@ class StreamPosition:
 
 class ShardStream(IterableDataset):
     """This rank's samples of ``shards`` for ``epoch``, preprocessed by ``prep`` (a ``SampleDataset`` without
-    samples or cache: it decodes, augments and counts bad samples); see the module docstring."""
+    samples: it decodes, augments, counts bad samples and, with ``data.cache_mb``, keeps what it decoded so a
+    later epoch that meets the sample in the same process skips decoding); see the module docstring."""
 
     def __init__(
         self,
@@ -251,7 +252,9 @@ def training_stream(
                 f"{world_size} rank(s); set it to at least {batch_size * world_size}"
             )
         quota = [(per_rank // workers + (w < per_rank % workers)) * batch_size for w in range(workers)]
-    dataset = SampleDataset([], data.modalities, prep, train=True, skip_bad=data.skip_bad, seed=cfg.seed)
+    dataset = SampleDataset(
+        [], data.modalities, prep, train=True, skip_bad=data.skip_bad, cache_mb=data.cache_mb, seed=cfg.seed
+    )
     stream = ShardStream(
         shards,
         dataset,

@@ -40,7 +40,7 @@ from codebridge.files import atomic_write_json, sha256_file
 from codebridge.lock import folder_lock
 from codebridge.paths import codebridge_home
 
-VERSION = 1  # bump when the output changes, so older builds are rebuilt instead of trusted
+VERSION = 2  # 2: val splits. Bump when the output changes, so older builds are rebuilt instead of trusted
 MARKER = ".codebridge-corpus"
 TABLES = ("concepts.jsonl", "licenses.json")
 SUITE_FOLDERS = ("corpus-style", "corpus-style-noto", "corpus-concept", "corpus-icons")

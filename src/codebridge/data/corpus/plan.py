@@ -20,6 +20,9 @@ from codebridge.data.emoji.concepts import Concept, _spread
 from codebridge.data.emoji.splits import TEST_FRACTION, concept_split
 
 HELD_OUT_STYLES = {"corpus-style": "twitter", "corpus-style-noto": "noto-v1"}
+# a seeded slice of every train split, held out of training: it chooses what must not be chosen on the test (the
+# weight of fused retrieval, ``codebridge eval --fuse-on SUITE:val``), and it follows the train split's distribution
+VAL_FRACTION = 0.05
 
 
 @dataclass
@@ -148,7 +151,8 @@ def icon_split(items: list[Item], seed: int) -> set[int]:
 def suites(
     emoji: list[Item], icons: list[Item], concepts: list[Concept], seed: int
 ) -> dict[str, dict[str, list[Item]]]:
-    """suite -> split -> items. Train splits are shuffled (seeded); test splits keep set and concept order."""
+    """suite -> split -> items. Train splits are shuffled (seeded) and give their first ``VAL_FRACTION`` to a val
+    split; test splits keep set and concept order."""
     out: dict[str, dict[str, list[Item]]] = {}
     styles = {item.art.name for item in emoji}
     for suite, held_out in HELD_OUT_STYLES.items():
@@ -171,4 +175,6 @@ def suites(
         }
     for suite, splits in out.items():
         random.Random(f"corpus-shuffle:{seed}:{suite}").shuffle(splits["train"])
+        held = max(1, round(VAL_FRACTION * len(splits["train"]))) if len(splits["train"]) > 1 else 0
+        splits["val"], splits["train"] = splits["train"][:held], splits["train"][held:]
     return out

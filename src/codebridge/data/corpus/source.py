@@ -11,7 +11,7 @@ from codebridge.data.sources.webdataset import ShardSource, shard_paths
 class CorpusSource(ShardSource):
     """A corpus suite streams like any shard folder; ``data.root`` is the corpus folder or a home holding it."""
 
-    accepts = f"a corpus suite NAME[:train|:test] ({', '.join(SUITES)})"
+    accepts = f"a corpus suite NAME[:train|:val|:test] ({', '.join(SUITES)})"
 
     @classmethod
     def handles(cls, spec: str) -> bool:

@@ -17,17 +17,17 @@ SUITES = {
     "corpus-concept": "emoji art of every style: a seeded 20% of each CLDR group's concepts held out",
     "corpus-icons": "named icons and flags: a seeded 20% of each set's (and category's) names held out",
 }
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 
 
 def suite_folder(spec: str, root: str | Path | None = None) -> Path:
-    """``NAME[:SPLIT]`` -> its shard folder; ``root`` is the corpus folder or a codebridge home holding ``corpus/``."""
+    """``NAME[:train|:val|:test]`` -> its shard folder; ``root``: the corpus folder or a home holding ``corpus/``."""
     name, _, split = spec.partition(":")
     split = split or "train"
     if name not in SUITES:
         raise ConfigError(f"unknown corpus suite {name!r}; choose one of {', '.join(SUITES)}")
     if split not in SPLITS:
-        raise ConfigError(f"{name}: unknown split {split!r}; choose train or test (e.g. {name}:test)")
+        raise ConfigError(f"{name}: unknown split {split!r}; choose train, val or test (e.g. {name}:test)")
     from codebridge.data.corpus.build import MANIFEST, corpus_root  # lazy: the data-source registry imports this
 
     base = corpus_root(root)

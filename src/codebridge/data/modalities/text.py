@@ -43,6 +43,8 @@ class TextPrep:
     context_length: int = num(16, ge=2)  # <sot> and <eot> at least
     vocab_size: int = num(2000, ge=260)  # the 256 bytes and 4 special tokens are always in the vocabulary
     lowercase: bool = True
+    # >0: training draws from each sample's first N captions only (e.g. the corpus's English ones; 0: all of them)
+    train_captions: int = num(0, ge=0)
 
 
 def _normalizer(lowercase: bool) -> normalizers.Normalizer:
@@ -190,13 +192,14 @@ class TextProcessor:
         return [item]
 
     def entry(self, captions: list[str], train: bool, generator: torch.Generator | None = None) -> Entry:
-        """One caption: a random one at train time, the first at eval."""
+        """One caption: a random one at train time (of the first ``train_captions``, if set), the first at eval."""
         if self.tokenizer is None:
             raise ValueError(
                 "the text modality needs a tokenizer: "
                 "Preprocessors(prep, Tokenizer.train(all_texts(samples), prep.text))"
             )
-        choice = int(torch.randint(len(captions), (), generator=generator)) if train else 0
+        pool = min(len(captions), self.prep.train_captions or len(captions))
+        choice = int(torch.randint(pool, (), generator=generator)) if train else 0
         ids, mask = self.tokenizer.encode([captions[choice]])
         return {"ids": ids[0], "mask": mask[0]}
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codebridge.config import BridgeConfig, num
+from codebridge.config import BridgeConfig, broken, num
 from codebridge.distributed import all_reduce_mean
 from codebridge.models.bridges.base import (
     BRIDGES,
@@ -29,7 +30,7 @@ from codebridge.models.bridges.base import (
 )
 from codebridge.models.bridges.fdt_grounding import pooled_scores, token_scores
 from codebridge.models.bridges.host_reads import host_reads_free
-from codebridge.models.bridges.sparsemax import AdaptiveTopkSparsemax, sparsemax
+from codebridge.models.bridges.sparsemax import AdaptiveTopkSparsemax, capped_sparsemax, sparsemax
 from codebridge.models.features import BridgeOutput, Features
 
 
@@ -60,6 +61,16 @@ class FdtConfig:
     learnable_scale: bool = False  # a learned factor exp(g) on the grounding (g init 0, no weight decay)
     overuse_weight: float = num(0.0, ge=0)  # penalty on tokens whose batch-mean weight exceeds overuse_target
     overuse_target: float = num(0.05, gt=0, le=1)
+    max_active: int = num(0, ge=0)  # >0: sparsemax over each row's max_active largest scores (a hard support cap)
+
+    def check(self) -> list[str]:
+        return broken(
+            {
+                "{max_active} caps sparsemax's support; set activation to sparsemax or max_active to 0": (
+                    not self.max_active or self.activation == "sparsemax"
+                )
+            }
+        )
 
 
 def fdt_temperature(cfg: FdtConfig, step: int) -> float:
@@ -167,6 +178,8 @@ class FdtBridge(Bridge):
 
     def _make_activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.fdt.activation == "sparsemax":
+            if self.fdt.max_active:
+                return partial(capped_sparsemax, k=self.fdt.max_active)
             return AdaptiveTopkSparsemax(self.fdt.sparsemax_k) if self.fdt.topk_sparsemax else sparsemax
         return _softmax if self.fdt.activation == "softmax" else _sigmoid
 

@@ -67,6 +67,24 @@ def topk_sparsemax(z: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     return _apply(z, dim, k)
 
 
+def capped_sparsemax(z: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """Sparsemax of each row's ``k`` largest values, 0 elsewhere: at most ``k`` non-zeros whatever the scores.
+
+    Equal to ``sparsemax`` wherever its support has at most ``k`` entries. Beyond that it is a different map (the
+    projection of the top k onto the simplex), which is the point: a hard cap on the support, where a temperature
+    only sets it indirectly. The gradient reaches the top k only. Fixed shapes: no host read, compiles cleanly.
+    """
+    if k < 1:
+        raise ValueError(f"capped_sparsemax: k must be >= 1, got {k}")
+    z = z.movedim(dim, -1)
+    if k >= z.shape[-1]:
+        return sparsemax(z).movedim(-1, dim)
+    top = torch.topk(z, k, dim=-1)
+    weights = sparsemax(top.values)
+    out = torch.zeros(z.shape, dtype=weights.dtype, device=z.device).scatter(-1, top.indices, weights)
+    return out.movedim(-1, dim)
+
+
 class AdaptiveTopkSparsemax:
     """Top-k sparsemax over the last dim whose k follows the support seen in the previous call.
 
