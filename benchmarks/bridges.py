@@ -1,4 +1,6 @@
-"""Science benchmark: every bridge trained with the same encoders, data and time budget, evaluated on the emoji suites.
+"""Science benchmark: every bridge trained with the same encoders, data and time budget, evaluated on the emoji suites
+and the multi-style corpus (``--tasks corpus-style``: train on every emoji style but twitter, test on the twitter art
+with the old style split's queries and with every corpus caption; needs ``codebridge data corpus``).
 
 Writes ``docs/results/bridges.json`` keyed bridge -> suite -> OpenCLIP-style metric name (plus the budget and the
 command used) and ``docs/results/bridges.md`` with the table. Run:
@@ -261,7 +263,7 @@ def write_table(results: dict, path: Path) -> None:
     bridges = [b for b in results if not b.startswith("_")]
     meta = results["_meta"]
     lines = [
-        "# Bridges on the emoji benchmark",
+        "# Bridges on the emoji benchmark and the multi-style corpus",
         "",
         f"Training runs on {meta['machine']}; a cell is the mean ± standard deviation over its seeds (no ± : one",
         "seed). Each cell's seeds, budget, minutes and steps are in bridges.json (`per_seed`, `n_seeds`,",

@@ -57,3 +57,21 @@ def test_table_shows_spread_and_verdicts(tmp_path: Path) -> None:
     assert "| codebook - clip | -0.060 | n/a | 1 / 3 | one seed: no verdict |" in table
     assert "emoji-voice" not in table  # suites no cell has are left out
     json.dumps(results)  # the cells stay JSON
+
+
+def test_a_fused_cell_is_compared_with_the_baselines_plain_metric(tmp_path: Path) -> None:
+    fused = "fused_text_to_image_R@1"
+    fdt = cell(0.30, 0.31, 0.32)
+    for seed, value in enumerate((0.40, 0.41, 0.42)):
+        bridges.add_seed(fdt, seed, {fused: value})
+    base = cell(0.35, 0.36, 0.37)
+    assert bridges.compare(fdt, base, fused, METRIC)[:2] == (pytest.approx(0.05), pytest.approx(math.hypot(0.01, 0.01)))
+    results = {
+        "_meta": {"machine": "test", "commands": []},
+        "clip": {"corpus-style": base},
+        "fdt": {"corpus-style": fdt},
+    }
+    bridges.write_table(results, tmp_path / "b.md")
+    table = (tmp_path / "b.md").read_text()
+    assert f"| corpus-style | {fused} vs {METRIC} | fdt - clip | +0.050 | 0.014 | 3 / 3 | win |" in table
+    assert f"| corpus-style | {METRIC} | fdt - clip | -0.050 | 0.014 | 3 / 3 | loss |" in table
