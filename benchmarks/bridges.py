@@ -173,6 +173,7 @@ TABLE_METRICS = [
     ("corpus-style", "fdt/agree/image-text"),
     ("corpus-style", "codebook/perplexity"),
     ("corpus-style", "codebook/dead_fraction"),
+    ("corpus-style", "codebook/agreement"),
     ("corpus-style", "train_steps"),
     ("corpus-style-noto", "train_steps"),
 ]
