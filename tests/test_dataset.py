@@ -238,7 +238,7 @@ def test_resume_skips_batches_without_decoding_them(samples: list[Sample], prep:
     batches = iter(resumed)
     first = next(batches)
     assert resumed.epoch == 1
-    assert {index for index, _ in resumed_ds.cache._items} == set(first["index"].tolist())  # skipped: never decoded
+    assert {index for index, *_ in resumed_ds.cache._items} == set(first["index"].tolist())  # skipped: never decoded
     assert same_batches([first, *batches], reference[4:6])  # the rest of epoch 1
     assert same_batches(list(resumed), reference[6:9]) and resumed.epoch == 2  # then whole epochs
 
