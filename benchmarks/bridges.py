@@ -66,10 +66,19 @@ TASKS: dict[str, tuple[str, list[str], list[tuple[str, str, str]]]] = {
     ),
     "speech": ("-speech", [], [("emoji-voice", "emoji-voice:test", "retrieval")]),
     "video": ("-video", [], [("emoji-clips", "emoji-clips:test", "retrieval")]),
-    # scene captions average 23 tokens: a 32-token context keeps their later object words (docs/localization.md)
+    # scene captions average 23 tokens: a 32-token context keeps their later object words; 64 px images give an
+    # 8 x 8 patch grid (objects span 2-3 patches); the single emoji teach the names that the scenes combine; local
+    # attention keeps each patch token about its own place (docs/localization.md, "Training for localization")
     "scenes": (
         "",
-        ["data.train=emoji-scenes:train", "data.val=emoji-scenes:test", "prep.text.context_length=32"],
+        [
+            "data.train=emoji-style:train::emoji-scenes:train",
+            "data.val=emoji-scenes:test",
+            "prep.text.context_length=32",
+            "prep.image.size=64",
+            "model.image.attention_radius=1",
+            "train.batch_size=128",
+        ],
         [("emoji-scenes", "emoji-scenes:test", "localization"), ("emoji-scenes", "emoji-scenes:test", "retrieval")],
     ),
 }

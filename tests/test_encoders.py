@@ -235,3 +235,34 @@ def test_cpu_attention_under_bf16_autocast_runs_in_fp32_and_returns_bf16() -> No
     assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
     plain = torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
     assert torch.equal(attend(*plain, None), F.scaled_dot_product_attention(*plain))  # fp32: untouched
+
+
+@pytest.mark.parametrize("radius", [0, 1])
+def test_local_attention_keeps_patch_tokens_local(radius):
+    """With attention_radius r, a patch token after `depth` blocks depends only on the patches within r * depth
+    rows and columns: changing a farther patch leaves it exactly as it was, while the (global) summary changes."""
+    cfg = small_config(image__size=48)  # 6 x 6 patches of 8 px, depth 2
+    cfg.model.image.attention_radius = radius
+    enc = build("image", cfg)
+    pixels = torch.randn(1, 3, 48, 48)
+    changed = pixels.clone()
+    changed[..., 40:, 40:] += 1.0  # the bottom-right patch (row 5, col 5)
+    with torch.no_grad():
+        a, b = enc({"pixels": pixels}), enc({"pixels": changed})
+    reach = radius * cfg.model.image.depth
+    rows, cols = torch.arange(36) // 6, torch.arange(36) % 6
+    near = ((5 - rows) <= reach) & ((5 - cols) <= reach)
+    moved = (a.tokens - b.tokens).abs().amax(-1)[0] > 1e-6
+    assert torch.equal(moved, near)
+    assert not torch.allclose(a.summary, b.summary)
+
+
+def test_global_attention_mixes_every_patch():
+    """The default (attention_radius None): one changed patch reaches every patch token."""
+    enc = build("image", small_config(image__size=48))
+    pixels = torch.randn(1, 3, 48, 48)
+    changed = pixels.clone()
+    changed[..., 40:, 40:] += 1.0
+    with torch.no_grad():
+        moved = (enc({"pixels": pixels}).tokens - enc({"pixels": changed}).tokens).abs().amax(-1)[0] > 1e-6
+    assert moved.all()

@@ -23,6 +23,10 @@ class ImageEncoderConfig:
     heads: int = num(4, ge=1)
     mlp_ratio: float = num(4.0, gt=0)
     freeze_patch_embed: bool = False  # FDT freezes the ViT patch embedding (conv1)
+    # None: global attention. r: a patch attends only to the patches within r rows and columns of it (never to CLS),
+    # so after `depth` blocks it sees a (2 r depth + 1)^2 neighbourhood and its token stays about its own place;
+    # CLS still attends to every patch, so the summary stays global (docs/localization.md, local patch tokens)
+    attention_radius: int | None = num(None, ge=0)
 
     def check(self) -> list[str]:
         return broken({HEADS_DIVIDE_WIDTH: self.width % self.heads == 0})
@@ -52,6 +56,8 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
         self.ln_post = nn.LayerNorm(cfg.width)
         self.conv1.requires_grad_(not cfg.freeze_patch_embed)
+        allowed = None if cfg.attention_radius is None else local_attention(self.grid, cfg.attention_radius)
+        self.register_buffer("allowed", allowed, persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> Features:
         """pixels: [B,3,S,S] -> Features(tokens [B,N,D] with N = (S/patch)^2, summary [B,D])."""
@@ -63,10 +69,23 @@ class VisionTransformer(nn.Module):
             )
         cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)  # [B,1,D]
         x = torch.cat([cls, x], dim=1) + self.positional_embedding  # [B,1+N,D]
-        x = self.transformer(self.ln_pre(x))
+        x = self.transformer(self.ln_pre(x), allowed=self.allowed)
         tokens = x[:, 1:]
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return Features(tokens=tokens, mask=mask, summary=self.ln_post(x[:, 0]))
+
+
+def local_attention(grid: int, radius: int) -> torch.Tensor:
+    """[1, 1, 1+G*G, 1+G*G] bool attention mask (True = may attend) over CLS + a row-major G x G patch grid: CLS
+    attends to everything; a patch to the patches at most ``radius`` rows and columns away, itself included, and not
+    to CLS (which would bring the whole image back into every patch)."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    r, c = rows.flatten(), cols.flatten()
+    near = ((r[:, None] - r[None]).abs() <= radius) & ((c[:, None] - c[None]).abs() <= radius)
+    allowed = torch.ones(1 + grid * grid, 1 + grid * grid, dtype=torch.bool)
+    allowed[1:, 1:] = near
+    allowed[1:, 0] = False
+    return allowed[None, None]
 
 
 @ENCODERS.register("image", config=ImageEncoderConfig)

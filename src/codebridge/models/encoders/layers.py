@@ -69,9 +69,17 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.checkpointing = False
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        """x: [B,T,D]; mask: [B,T] bool, True = real token; causal: each position sees only itself and the past."""
-        allowed = attention_mask(mask, x.shape[1], causal, x.device)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        allowed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [B,T,D]; mask: [B,T] bool, True = real token; causal: each position sees only itself and the past;
+        allowed: a fixed [1,1,T,T] bool pattern (True = may attend) combined with both."""
+        pattern = attention_mask(mask, x.shape[1], causal, x.device)
+        allowed = pattern if allowed is None else allowed if pattern is None else allowed & pattern
         recompute = self.checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, allowed, use_reentrant=False) if recompute else block(x, allowed)
