@@ -25,6 +25,7 @@ from codebridge.eval.pointing import (
     pointing_game,
     pointing_hit,
     tied_hit,
+    unrelated_phrases,
     zoom_target,
 )
 from codebridge.eval.windows import window_boxes, window_crops, window_maps
@@ -228,9 +229,39 @@ def test_evaluate_localization_on_built_scenes(emoji_root: Path, bridge: str) ->
     assert metrics["n_objects_truncated"] == len(objects) - len(kept)
     expected = np.mean([box_fraction(o["box"], (128, 128)) for o in kept])
     assert metrics["pointing_game_random"] == pytest.approx(expected)
-    keys = ("caption_map", "contrastive", "phrase", "windows", "random_patches")
+    keys = ("caption_map", "contrastive", "phrase", "windows", "random_patches", "phrase_control")
     for key in ("pointing_game", *(f"pointing_game_{k}" for k in keys)):
         assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_phrase_control_borrows_words_absent_from_the_scene() -> None:
+    phrases = [["dog face", "apple"], ["apple", "cat"], ["pizza"]]
+    borrowed = unrelated_phrases(phrases)
+    assert borrowed == [["cat", "pizza"], ["pizza", "dog face"], ["dog face"]]
+    for own, other in zip(phrases, borrowed, strict=True):
+        assert len(other) == len(own) and not set(other) & set(own)
+    assert unrelated_phrases([["dog face", "apple"]]) is None  # nothing to borrow: no control
+    assert unrelated_phrases([["apple"], ["apple"]]) is None
+
+
+def test_phrase_control_is_the_phrase_game_on_borrowed_words(emoji_root: Path) -> None:
+    """The control plays the phrase method's own game with another scene's words; one scene alone has no control."""
+    scenes = load_suite("emoji-scenes", "train", root=emoji_root)[:6]
+    model = tiny_model("fdt", [s.media.get("text", [])[0] for s in scenes])
+    with torch.no_grad():
+        metrics = evaluate_localization(model, scenes, batch_size=4)
+        assert "pointing_game_phrase_control" not in evaluate_localization(model, scenes[:1])
+        images = [model.preprocessors["image"].load(s.media.get("image")) for s in scenes]
+        phrases = [[s.media.get("text", [])[0][slice(*o["span"])] for o in s.meta["objects"]] for s in scenes]
+        maps = phrase_maps(model, images, unrelated_phrases(phrases))
+    kept = [  # the objects the game scores: those whose words fit the context
+        (heat, o["box"], image.size)
+        for s, image, group in zip(scenes, images, maps, strict=True)
+        for o, heat in zip(s.meta["objects"], group, strict=True)
+        if word_positions(model.tokenizer, s.media.get("text", [])[0], o["span"])
+    ]
+    expected = pointing_game(*map(list, zip(*kept, strict=True)))["pointing_game"]
+    assert metrics["pointing_game_phrase_control"] == pytest.approx(expected)
 
 
 def test_phrase_maps_encode_each_word_alone_and_keep_its_image(emoji_root: Path) -> None:

@@ -10,6 +10,7 @@ window scoring (``_windows``: the word's retrieval embedding against image crops
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +111,20 @@ def phrase_maps(model: CodeBridgeModel, images: list[Image.Image], phrases: list
     return [[next(flat) for _ in group] for group in phrases]
 
 
+def unrelated_phrases(phrases: list[list[str]]) -> list[list[str]] | None:
+    """For each scene, one object word per object taken from the *following* scenes (cyclically), never a word of its
+    own: the phrase maps of these words are the word-blind control of the phrase method. A map that merely picks the
+    most salient object scores the same with them; only maps that find the named object beat it. None when no scene
+    has a word of another scene to borrow (a single scene)."""
+    borrowed = []
+    for b, own in enumerate(phrases):
+        later = [w for group in phrases[b + 1 :] + phrases[:b] for w in group if w not in own]
+        if not later:
+            return None
+        borrowed.append([later[j % len(later)] for j in range(len(own))])
+    return borrowed
+
+
 def evaluate_scenes(
     model: CodeBridgeModel, samples: list[Sample], batch_size: int = 64, window: float = DEFAULT_WINDOW
 ) -> Metrics:
@@ -121,28 +136,39 @@ def evaluate_scenes(
     only word maps that beat it localize *the named* object. ``pointing_game_contrastive`` plays with
     ``contrastive_map`` (word minus caption), ``pointing_game_phrase`` with ``phrase_maps`` and
     ``pointing_game_windows`` with ``window_maps`` (windows of side ``window`` x the image side).
+    ``pointing_game_phrase_control`` is the phrase method's own word-blind control: every object gets the phrase
+    map of an object word from another scene (``unrelated_phrases``), absent from its image.
     """
-    games: dict[str, list[Tensor]] = {k: [] for k in ("", "_caption_map", "_contrastive", "_phrase", "_windows")}
+    games: dict[str, list[Tensor]] = defaultdict(list)
+    texts = [s.media["text"][0] for s in samples]
+    borrowed = unrelated_phrases(
+        [[text[o["span"][0] : o["span"][1]] for o in _scene_objects(s)] for text, s in zip(texts, samples, strict=True)]
+    )
     boxes, sizes, truncated = [], [], 0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         images = [model.preprocessors["image"].load(s.media["image"]) for s in chunk]
-        captions = [s.media["text"][0] for s in chunk]
+        captions = texts[i : i + batch_size]
         objects = [_scene_objects(s) for s in chunk]
         maps = caption_word_maps(model, images, captions, [[o["span"] for o in objs] for objs in objects])
         phrases = [
             [text[o["span"][0] : o["span"][1]] for o in objs] for text, objs in zip(captions, objects, strict=True)
         ]
         alone = phrase_maps(model, images, phrases)
-        for img, objs, found, words, own in zip(images, objects, maps, phrases, alone, strict=True):
+        blind = phrase_maps(model, images, borrowed[i : i + batch_size]) if borrowed else [None] * len(chunk)
+        for img, objs, found, words, own, other in zip(images, objects, maps, phrases, alone, blind, strict=True):
             windows = window_maps(model, img, model.encode("text", words), found.caption.shape[-1], window)
             for j, (obj, heat) in enumerate(zip(objs, found.words, strict=True)):
                 if heat is None:
                     truncated += 1
                     continue
-                kinds = (heat, found.caption, contrastive_map(heat, found.caption), own[j], windows[j])
-                for key, game in zip(games, kinds, strict=True):
-                    games[key].append(game)
+                games[""].append(heat)
+                games["_caption_map"].append(found.caption)
+                games["_contrastive"].append(contrastive_map(heat, found.caption))
+                games["_phrase"].append(own[j])
+                games["_windows"].append(windows[j])
+                if other is not None:
+                    games["_phrase_control"].append(other[j])
                 boxes.append(obj["box"])
                 sizes.append(img.size)
     if not boxes:
