@@ -167,8 +167,11 @@ TABLE_METRICS = [
     ("emoji-scenes", "pointing_game_caption_map"),
     ("emoji-scenes", "pointing_game_contrastive"),
     ("emoji-scenes", "pointing_game_phrase"),
+    ("emoji-scenes", "pointing_game_phrase_control"),
     ("emoji-scenes", "pointing_game_windows"),
     ("emoji-scenes", "pointing_game_random"),
+    ("emoji-scenes", "text_to_image_R@1"),
+    ("emoji-scenes", "train_steps"),
     # usage and cross-modal agreement logged at the end of training (docs/bridges-*.md)
     ("emoji-style", "codebook/perplexity"),
     ("emoji-style", "codebook/dead_fraction"),
@@ -237,6 +240,13 @@ VERDICTS = [
     ("corpus-style", "text_to_image_R@1", "text_to_image_R@1"),
     ("corpus-style", "fused_text_to_image_R@1", "text_to_image_R@1"),  # a discrete bridge's fused scores vs clip's
     ("corpus-style-noto", "text_to_image_R@1", "text_to_image_R@1"),
+    ("emoji-scenes", "pointing_game_phrase", "pointing_game_phrase"),
+]
+# (suite, metric, its word-blind control): every bridge against itself, to tell maps that find the named object
+# from maps that find any object (docs/localization.md)
+CONTROLS = [
+    ("emoji-scenes", "pointing_game", "pointing_game_caption_map"),
+    ("emoji-scenes", "pointing_game_phrase", "pointing_game_phrase_control"),
 ]
 BASELINE = "clip"
 
@@ -256,17 +266,35 @@ def verdict_lines(results: dict[str, Any], bridges: list[str]) -> list[str]:
             sd_text = "n/a" if sd is None else f"{sd:.3f}"
             versus = metric if metric == base_metric else f"{metric} vs {base_metric}"
             rows.append(f"| {suite} | {versus} | {b} - {BASELINE} | {diff:+.3f} | {sd_text} | {seeds} | {verdict} |")
-    if not rows:
-        return []
-    return [
-        "",
-        f"Against {BASELINE}: a difference is a win only beyond 2 standard deviations of the difference",
-        "(sqrt(std_a^2 + std_b^2) over seeds).",
-        "",
-        "| suite | metric | cells | difference | std of difference | seeds | verdict |",
-        "|---|---|---|---|---|---|---|",
-        *rows,
-    ]
+    controls = []
+    for suite, metric, control in CONTROLS:
+        for b in bridges:
+            cell = results[b].get(suite)
+            if cell and metric in cell and control in cell:
+                diff, sd, verdict = compare(cell, cell, metric, control)
+                sd_text = "n/a" if sd is None else f"{sd:.3f}"
+                controls.append(f"| {suite} | {b} | {metric} - {control} | {diff:+.3f} | {sd_text} | {verdict} |")
+    lines = []
+    if rows:
+        lines += [
+            "",
+            f"Against {BASELINE}: a difference is a win only beyond 2 standard deviations of the difference",
+            "(sqrt(std_a^2 + std_b^2) over seeds).",
+            "",
+            "| suite | metric | cells | difference | std of difference | seeds | verdict |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    if controls:
+        lines += [
+            "",
+            "Against each bridge's own word-blind control (the same rule):",
+            "",
+            "| suite | bridge | map - control | difference | std of difference | verdict |",
+            "|---|---|---|---|---|---|",
+            *controls,
+        ]
+    return lines
 
 
 def write_table(results: dict, path: Path) -> None:

@@ -75,3 +75,15 @@ def test_a_fused_cell_is_compared_with_the_baselines_plain_metric(tmp_path: Path
     table = (tmp_path / "b.md").read_text()
     assert f"| corpus-style | {fused} vs {METRIC} | fdt - clip | +0.050 | 0.014 | 3 / 3 | win |" in table
     assert f"| corpus-style | {METRIC} | fdt - clip | -0.050 | 0.014 | 3 / 3 | loss |" in table
+
+
+def test_a_map_is_compared_with_its_own_word_blind_control(tmp_path: Path) -> None:
+    fdt: dict = {}
+    for seed, (phrase, control) in enumerate(((0.50, 0.30), (0.52, 0.31), (0.54, 0.32))):
+        bridges.add_seed(fdt, seed, {"pointing_game_phrase": phrase, "pointing_game_phrase_control": control})
+    results = {"_meta": {"machine": "test", "commands": []}, "fdt": {"emoji-scenes": fdt}}
+    bridges.write_table(results, tmp_path / "b.md")
+    table = (tmp_path / "b.md").read_text()
+    row = "| emoji-scenes | fdt | pointing_game_phrase - pointing_game_phrase_control | +0.210 | 0.022 | win |"
+    assert row in table
+    assert "caption_map" not in table  # a control the cell lacks gives no row
