@@ -141,19 +141,18 @@ def evaluate_scenes(
     """
     games: dict[str, list[Tensor]] = defaultdict(list)
     texts = [s.media["text"][0] for s in samples]
-    borrowed = unrelated_phrases(
-        [[text[o["span"][0] : o["span"][1]] for o in _scene_objects(s)] for text, s in zip(texts, samples, strict=True)]
-    )
+    scene_objects = [_scene_objects(s) for s in samples]
+    scene_phrases = [
+        [text[o["span"][0] : o["span"][1]] for o in objs] for text, objs in zip(texts, scene_objects, strict=True)
+    ]
+    borrowed = unrelated_phrases(scene_phrases)
     boxes, sizes, truncated = [], [], 0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         images = [model.preprocessors["image"].load(s.media["image"]) for s in chunk]
-        captions = texts[i : i + batch_size]
-        objects = [_scene_objects(s) for s in chunk]
+        captions, objects = texts[i : i + batch_size], scene_objects[i : i + batch_size]
+        phrases = scene_phrases[i : i + batch_size]
         maps = caption_word_maps(model, images, captions, [[o["span"] for o in objs] for objs in objects])
-        phrases = [
-            [text[o["span"][0] : o["span"][1]] for o in objs] for text, objs in zip(captions, objects, strict=True)
-        ]
         alone = phrase_maps(model, images, phrases)
         blind = phrase_maps(model, images, borrowed[i : i + batch_size]) if borrowed else [None] * len(chunk)
         for img, objs, found, words, own, other in zip(images, objects, maps, phrases, alone, blind, strict=True):

@@ -78,18 +78,25 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """x: [B,T,D]; mask: [B,T] bool, True = real token; causal: each position sees only itself and the past;
         allowed: a fixed [1,1,T,T] bool pattern (True = may attend) combined with both."""
-        pattern = attention_mask(mask, x.shape[1], causal, x.device)
-        allowed = pattern if allowed is None else allowed if pattern is None else allowed & pattern
+        allowed = attention_mask(mask, x.shape[1], causal, x.device, allowed)
         recompute = self.checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, allowed, use_reentrant=False) if recompute else block(x, allowed)
         return x
 
 
-def attention_mask(mask: torch.Tensor | None, length: int, causal: bool, device: torch.device) -> torch.Tensor | None:
-    """Boolean SDPA mask (True = may attend) combining key padding [B,1,1,T] and causality [1,1,T,T]."""
-    allowed = None
+def attention_mask(
+    mask: torch.Tensor | None,
+    length: int,
+    causal: bool,
+    device: torch.device,
+    pattern: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Boolean SDPA mask (True = may attend) combining key padding [B,1,1,T], causality [1,1,T,T] and a fixed
+    ``pattern`` [1,1,T,T] (e.g. local attention)."""
+    allowed = pattern
     if mask is not None:
+        allowed = mask[:, None, None, :] if allowed is None else allowed & mask[:, None, None, :]
         allowed = mask[:, None, None, :]
     if causal:
         tri = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
